@@ -1,0 +1,170 @@
+"""Decoding any image a user may hand us into the HxWx3 uint8 RGB array the tiler expects.
+
+Every failure is an `ImageError` that names the source, so batch work can skip the file, report why and go on.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+# Decompression-bomb guard: a 20k x 20k photo is the largest we decode by default.
+DEFAULT_MAX_PIXELS = 400_000_000
+
+_WHITE = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; `source` names it and `reason` says why."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def describe_source(source: object) -> str:
+    """A short human name for an image source, used in reports and errors."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or f"<PIL image {source.mode} {source.size[0]}x{source.size[1]}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.dtype} {'x'.join(map(str, source.shape))}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_rgb(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Returns the image as a C-contiguous HxWx3 uint8 RGB array.
+
+    Files and PIL images are rotated upright by their EXIF orientation; grayscale, palette, CMYK and other modes
+    are converted to RGB; transparent pixels are composited over white; 16-bit and 32-bit integer images are
+    scaled to 8 bits. Raises `ImageError` naming the source on anything unusable.
+    """
+    name = describe_source(source)
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, name, max_pixels)
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb(source, name, max_pixels)
+    if isinstance(source, (str, os.PathLike)):
+        return _pil_to_rgb(_open_file(Path(source), name, max_pixels), name, max_pixels)
+    raise ImageError(name, "expected a file path, a PIL image or an HxWx3 uint8 numpy array")
+
+
+def _open_file(path: Path, name: str, max_pixels: int) -> Image.Image:
+    if not path.exists():
+        raise ImageError(name, "file not found")
+    if path.is_dir():
+        raise ImageError(name, "is a directory, not an image file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we want a hard, named refusal.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            _check_size(image.size, name, max_pixels)
+            image.load()  # decode now, so truncation surfaces here and not in the tiler
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(name, "not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(name, f"too large to decode safely ({exc})") from None
+    except OSError as exc:
+        raise ImageError(name, f"corrupt or truncated image ({exc})") from None
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(name, f"corrupt image ({exc})") from None
+    return image
+
+
+def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(name, f"empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(name, f"too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
+
+
+def _pil_to_rgb(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:
+    _check_size(image.size, name, max_pixels)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not cost us the pixels
+        pass
+    mode = image.mode
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if mode.startswith("I") or mode == "F":
+        return _array_to_rgb(np.asarray(image), name, max_pixels)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+    try:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as exc:
+        raise ImageError(name, f"cannot convert image mode {mode!r} to RGB ({exc})") from None
+
+
+def _to_uint8(values: np.ndarray, name: str) -> np.ndarray:
+    if values.dtype == np.uint8:
+        return values
+    if values.dtype == np.bool_:
+        return values.astype(np.uint8) * 255
+    if np.issubdtype(values.dtype, np.integer):
+        high = int(values.max()) if values.size else 0
+        if values.min() < 0:
+            raise ImageError(name, f"negative pixel values in a {values.dtype} image")
+        if high <= 255:
+            return values.astype(np.uint8)
+        if high <= 65535:  # 16-bit data, whatever the container type
+            return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return np.round(values / high * 255).astype(np.uint8)
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)):
+            raise ImageError(name, "image contains NaN or infinite values")
+        scale = 255.0 if values.size and float(values.max()) <= 1.0 else 1.0
+        return np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+    raise ImageError(name, f"unsupported pixel dtype {values.dtype}")
+
+
+def _array_to_rgb(array: np.ndarray, name: str, max_pixels: int) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageError(name, f"expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
+    _check_size((array.shape[1], array.shape[0]), name, max_pixels)
+    pixels = _to_uint8(array, name)
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    elif pixels.shape[2] == 4:
+        alpha = pixels[:, :, 3:4].astype(np.float32) / 255.0
+        pixels = np.round(pixels[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(pixels)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
+
+
+def list_image_files(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Every non-hidden file under `folder`, sorted. Non-image files are included on purpose: the indexer
+    tries them and reports why they were skipped instead of silently ignoring them."""
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: folder not found")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder")
+    pattern = root.rglob("*") if recursive else root.glob("*")
+    files = [
+        p for p in pattern
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    return sorted(files)

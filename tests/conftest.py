@@ -1,0 +1,49 @@
+"""Shared fixtures. Real photos ship in data/photos; `ThumbnailBackbone` is a tiny deterministic encoder (the
+patch's 8x8 colour thumbnail) that lets engine tests run in milliseconds. Tests that need the real DINOv2 backbone
+say so and use the `real_backbone` fixture."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "data" / "photos"
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    files = sorted(PHOTOS.glob("*"))
+    assert len(files) == 20, f"expected the 20 shipped photos in {PHOTOS}"
+    return files
+
+
+class ThumbnailBackbone:
+    """Encodes a patch as its normalised 8x8 RGB thumbnail (192-d): crude, but deterministic, fast and good at
+    finding an exact crop of a photo, which is what the engine logic tests need."""
+
+    name = "thumbnail-test"
+    weights = "none (deterministic 8x8 thumbnail, tests only)"
+    provider = "numpy"
+    dim = 192
+
+    def __init__(self, input_size: int = 32) -> None:
+        from patchify.preprocess import Preprocess
+
+        self.preprocess = Preprocess(input_size=input_size, interpolation="bilinear")
+        self.identity: dict[str, Any] = {"model": self.name, "input_size": input_size, "dim": self.dim}
+        self.calls = 0
+
+    def encode(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        self.calls += 1
+        n, c, s, _ = pixels.shape
+        pooled = pixels.astype(np.float32).reshape(n, c, 8, s // 8, 8, s // 8).mean(axis=(3, 5)).reshape(n, -1)
+        pooled -= pooled.mean(axis=1, keepdims=True)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+@pytest.fixture
+def thumbnail_backbone() -> ThumbnailBackbone:
+    return ThumbnailBackbone()
