@@ -6,8 +6,32 @@ its patches; the winning patch's box says where the match is.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import _core
+from .engine import AddReport, Hit, Patchify, SkippedImage
+from .images import ImageError, load_rgb
+from .preprocess import Preprocess
+from .storage import IndexFormatError
+from .tiling import TileBatch, grid_sizes, patch_boxes, patches_per_image, tile_images
+
+if TYPE_CHECKING:
+    from .backbones import Backbone, load_backbone
 
 __version__ = _core.__version__
 
-__all__ = ["__version__"]
+__all__ = [
+    "AddReport", "Backbone", "Hit", "ImageError", "IndexFormatError", "Patchify", "Preprocess", "SkippedImage",
+    "TileBatch", "__version__", "grid_sizes", "load_backbone", "load_rgb", "patch_boxes", "patches_per_image",
+    "tile_images",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The backbones pull in onnxruntime; importing them only on use keeps `import patchify` light for
+    # services that search by vector.
+    if name in ("Backbone", "load_backbone"):
+        from . import backbones
+
+        return getattr(backbones, name)
+    raise AttributeError(f"module 'patchify' has no attribute {name!r}")

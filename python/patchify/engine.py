@@ -95,9 +95,10 @@ class Patchify:
     def __init__(
         self,
         backbone: "str | Backbone" = DEFAULT_BACKBONE,
-        levels: int | Sequence[int] = 2,
+        levels: int | None = 2,
         index: str = "flat",
         *,
+        grids: Sequence[int] | None = None,
         overlap: float = 0.0,
         dtype: str = "float32",
         nlist: int | None = None,
@@ -110,7 +111,8 @@ class Patchify:
         embedding_cache: bool | str | os.PathLike | None = None,
         progress: bool = False,
     ) -> None:
-        self.grids = grid_sizes(levels)
+        # `levels=L` is the paper's L0..L3; `grids=[1, 2, 4]` picks grid sizes explicitly and wins over levels.
+        self.grids = grid_sizes(grids=grids) if grids is not None else grid_sizes(levels)
         if not 0.0 <= float(overlap) < 0.5:
             raise ValueError(f"overlap must be in [0, 0.5), got {overlap}")
         if batch_size < 1:
@@ -398,7 +400,7 @@ class Patchify:
         if backbone is None:
             backbone = saved["name"]
         options = manifest["index"]["options"]
-        engine = cls(backbone=backbone, levels=manifest["grids"], index=manifest["index"]["spec"],
+        engine = cls(backbone=backbone, grids=manifest["grids"], index=manifest["index"]["spec"],
                      overlap=manifest["overlap"], num_threads=num_threads, embedding_cache=embedding_cache,
                      training_source=manifest.get("training_source", "all"), **options)
         engine._saved_weights = saved.get("weights")
