@@ -269,6 +269,29 @@ struct PatchFormat {
   OutputType output = OutputType::float32;
 };
 
+// Copies n RGB pixels of row y from column x0 to dst, pixel i at dst + i * dst_step. Strides are read into
+// locals (uint8 stores may alias anything, so the compiler would otherwise reload them per pixel), and the
+// common packed layout gets its own loop with constant strides.
+inline void copy_pixels(const ImageView& image, int64_t y, int64_t x0, int n, uint8_t* dst, ptrdiff_t dst_step) {
+  const uint8_t* p = image.pixel(y, x0);
+  const ptrdiff_t cs = image.col_stride, chs = image.channel_stride;
+  if (cs == 3 && chs == 1) {
+    for (int x = 0; x < n; ++x, p += 3, dst += dst_step) {
+      const uint8_t r = p[0], g = p[1], b = p[2];
+      dst[0] = r;
+      dst[1] = g;
+      dst[2] = b;
+    }
+    return;
+  }
+  for (int x = 0; x < n; ++x, p += cs, dst += dst_step) {
+    const uint8_t r = p[0], g = p[chs], b = p[2 * chs];
+    dst[0] = r;
+    dst[1] = g;
+    dst[2] = b;
+  }
+}
+
 // Per-thread buffers, reused across patches (sizes vary per patch; they only grow).
 struct TilerScratch {
   tiler_detail::Coefficients horizontal, vertical;
@@ -306,15 +329,8 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
       // Transpose 16 source rows so that each source column is 48 contiguous bytes: the horizontal filter
       // then becomes a weighted sum of contiguous vectors, like the vertical one.
       if (nr < kRows) std::fill(s.block.begin(), s.block.end(), uint8_t{0});
-      for (int r = 0; r < nr; ++r) {
-        const uint8_t* p = image.pixel(y0 + row_first + r0 + r, x0);
-        uint8_t* d = s.block.data() + r * 3;
-        for (int x = 0; x < cw; ++x, p += image.col_stride, d += kLanes) {
-          d[0] = p[0];
-          d[1] = p[image.channel_stride];
-          d[2] = p[2 * image.channel_stride];
-        }
-      }
+      for (int r = 0; r < nr; ++r)
+        copy_pixels(image, y0 + row_first + r0 + r, x0, cw, s.block.data() + r * 3, kLanes);
       for (int xx = 0; xx < out_w; ++xx) {
         convolve_lanes(s.block.data() + static_cast<size_t>(co.first[xx]) * kLanes, kLanes,
                        &co.weights[static_cast<size_t>(xx) * co.stride], co.count[xx], out);
@@ -327,15 +343,8 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
       }
     }
   } else {
-    for (int r = 0; r < n_rows; ++r) {  // plain copy (also makes strided input contiguous)
-      const uint8_t* p = image.pixel(y0 + row_first + r, x0);
-      uint8_t* d = s.rows.data() + static_cast<size_t>(r) * out_row;
-      for (int x = 0; x < cw; ++x, p += image.col_stride, d += 3) {
-        d[0] = p[0];
-        d[1] = p[image.channel_stride];
-        d[2] = p[2 * image.channel_stride];
-      }
-    }
+    for (int r = 0; r < n_rows; ++r)  // plain copy (also makes strided input contiguous)
+      copy_pixels(image, y0 + row_first + r, x0, cw, s.rows.data() + static_cast<size_t>(r) * out_row, 3);
   }
   if (!need_v) {
     for (int y = 0; y < out_h; ++y) emit(y, s.rows.data() + static_cast<size_t>(y) * out_row);
