@@ -121,6 +121,20 @@ def test_matches_pillow_up_and_down(interpolation, size, shape):
     assert_matches_reference(images, batch, preprocess)
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_matches_pillow_on_random_shapes(interpolation):
+    """Random crop shapes around the output size: covers both pass orders Pillow picks (vertical first when the
+    height shrinks much more than the width) and every up/down combination."""
+    rng = np.random.default_rng(42)
+    for trial in range(60):
+        size = int(rng.integers(8, 40))
+        height, width = (int(v) for v in rng.integers(1, 4 * size, size=2))
+        preprocess = Preprocess(input_size=size, interpolation=interpolation)
+        image = random_image(height, width, seed=trial)
+        batch = tile_images([image], (1,), preprocess)
+        assert_matches_reference([image], batch, preprocess)
+
+
 def test_strided_and_non_contiguous_input():
     preprocess = Preprocess(input_size=40, interpolation="bicubic")
     base = smooth_image(150, 260, seed=3)
