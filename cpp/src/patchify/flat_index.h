@@ -487,8 +487,11 @@ class FlatPatchIndex {
                                                 size_t run1, size_t k) const {
     std::vector<TopKCollector> top(nq, TopKCollector(k));
     // Rows per block: the block (and a tile of queries) stays in L1 while every query tile passes over it.
+    // Multiples of 24 rows keep every tile shape (3, 4 or 8 rows) full; batch-1 has no reuse, so it only needs
+    // blocks big enough to amortise the fold.
     const size_t row_bytes = stride_ * sizeof(T);
-    const size_t block = std::max<size_t>(8, std::min<size_t>(256, (nq <= 2 ? 65536 : 16384) / row_bytes));
+    const size_t budget = nq <= 2 ? 65536 : 20480;
+    const size_t block = std::max<size_t>(1, std::min<size_t>(256, budget / row_bytes / 24)) * 24;
     std::vector<float> dots(nq * block);
     std::vector<float> scratch;
     const float neg_inf = -std::numeric_limits<float>::infinity();
