@@ -173,11 +173,21 @@ PATCHIFY_AVX2_TARGET inline void dot_tile_avx2(const float* queries, const T* ro
   for (int q = 0; q < Q; ++q)
     for (int r = 0; r < R; ++r) acc[q][r] = _mm256_setzero_ps();
   for (size_t d = 0; d < stride; d += 8) {
-    __m256 row[R];
-    for (int r = 0; r < R; ++r) row[r] = load8(rows + r * stride + d);
-    for (int q = 0; q < Q; ++q) {
-      const __m256 qv = _mm256_loadu_ps(queries + q * stride + d);
-      for (int r = 0; r < R; ++r) acc[q][r] = _mm256_fmadd_ps(qv, row[r], acc[q][r]);
+    // Hold the smaller side in registers and stream the other one, so Q*R + min(Q,R) + 1 <= 16 ymm (no spills).
+    if constexpr (Q < R) {
+      __m256 qv[Q];
+      for (int q = 0; q < Q; ++q) qv[q] = _mm256_loadu_ps(queries + q * stride + d);
+      for (int r = 0; r < R; ++r) {
+        const __m256 rv = load8(rows + r * stride + d);
+        for (int q = 0; q < Q; ++q) acc[q][r] = _mm256_fmadd_ps(qv[q], rv, acc[q][r]);
+      }
+    } else {
+      __m256 row[R];
+      for (int r = 0; r < R; ++r) row[r] = load8(rows + r * stride + d);
+      for (int q = 0; q < Q; ++q) {
+        const __m256 qv = _mm256_loadu_ps(queries + q * stride + d);
+        for (int r = 0; r < R; ++r) acc[q][r] = _mm256_fmadd_ps(qv, row[r], acc[q][r]);
+      }
     }
   }
   for (int q = 0; q < Q; ++q)
