@@ -1,0 +1,299 @@
+// Fused IVFPQ scanner: scans the PQ codes of the probed inverted lists of a faiss IndexIVFPQ (inner product,
+// by_residual) with ADC lookup tables and, in the same pass, keeps the best score and best patch per *image*.
+//
+// Why fused: faiss returns a patch-level top-k. To get the top-k images one would have to ask faiss for a much
+// larger k' (an image owns many patches, all near each other) and group in numpy, paying for a big heap and a
+// Python pass. Here each scanned code updates a dense per-image "best so far" array instead, and the top-k is
+// taken over the touched images only.
+//
+// Arithmetic follows faiss's IVFPQScanner for METRIC_INNER_PRODUCT with by_residual:
+//   score(q, code in list l) = <q, coarse_centroid[l]> + sum_m table[m][code[m]],
+//   table[m][c] = <q_m, pq_centroid[m][c]>            (q_m = the m-th sub-vector of q)
+// so every patch score equals faiss's own search distance up to float summation order.
+//
+// This header knows nothing of faiss or Python: it reads faiss's inverted lists through raw pointers that the
+// caller (python/patchify/index/ivfpq.py via the bindings) extracts and keeps alive, and rebuilds after every
+// add/remove (faiss may reallocate its lists).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "patchify/parallel.h"
+#include "patchify/topk.h"
+
+namespace patchify {
+
+// One inverted list as faiss stores it: n codes of code_size bytes and n int64 ids (our patch ids).
+struct InvertedListView {
+  const uint8_t* codes = nullptr;
+  const int64_t* ids = nullptr;
+  size_t size = 0;
+};
+
+namespace detail {
+
+// Reads nbits-wide codes packed little-endian, least significant bit first, like faiss's PQDecoderGeneric.
+class BitDecoder {
+ public:
+  BitDecoder(const uint8_t* code, int nbits) : code_(code), nbits_(nbits) {}
+  uint32_t next() {
+    uint32_t value = 0;
+    int filled = 0;
+    while (filled < nbits_) {
+      const int avail = 8 - offset_;
+      const int take = std::min(avail, nbits_ - filled);
+      const uint32_t bits = (static_cast<uint32_t>(*code_) >> offset_) & ((1u << take) - 1u);
+      value |= bits << filled;
+      filled += take;
+      offset_ += take;
+      if (offset_ == 8) {
+        offset_ = 0;
+        ++code_;
+      }
+    }
+    return value;
+  }
+
+ private:
+  const uint8_t* code_;
+  int nbits_;
+  int offset_ = 0;
+};
+
+inline float dot(const float* a, const float* b, size_t d) {
+  float s = 0.f;
+  for (size_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Per-worker scratch: a dense "best so far" per image. Dense (not a hash map) because a probe touches thousands
+// of patches and a hash map's probing costs more than a cache miss on a flat array; only touched entries are
+// reset after each query, so reuse is O(touched), not O(num_images).
+struct ImageBest {
+  std::vector<float> score;     // -inf = not touched by the current query
+  std::vector<int64_t> patch;
+  std::vector<int32_t> touched;
+  void ensure(size_t num_images) {
+    if (score.size() < num_images) {
+      score.resize(num_images, -std::numeric_limits<float>::infinity());
+      patch.resize(num_images, -1);
+    }
+  }
+};
+
+}  // namespace detail
+
+class IVFPQScanner {
+ public:
+  // coarse_centroids: nlist x dim; pq_centroids: M x ksub x (dim / M), ksub = 2^nbits (faiss ProductQuantizer
+  // layout). Both are copied (a few MB at most), the inverted lists are not.
+  IVFPQScanner(size_t dim, size_t nlist, size_t M, int nbits, const float* coarse_centroids,
+               const float* pq_centroids)
+      : dim_(dim), nlist_(nlist), M_(M), nbits_(nbits) {
+    if (dim == 0 || M == 0 || dim % M != 0)
+      throw std::invalid_argument("IVFPQScanner: dim (" + std::to_string(dim) + ") must be a positive multiple of M (" +
+                                  std::to_string(M) + ")");
+    if (nbits < 1 || nbits > 16) throw std::invalid_argument("IVFPQScanner: nbits must be in [1, 16]");
+    if (nlist == 0) throw std::invalid_argument("IVFPQScanner: nlist must be positive");
+    dsub_ = dim / M;
+    ksub_ = size_t(1) << nbits;
+    code_size_ = (M * static_cast<size_t>(nbits) + 7) / 8;
+    coarse_.assign(coarse_centroids, coarse_centroids + nlist * dim);
+    pq_.assign(pq_centroids, pq_centroids + M * ksub_ * dsub_);
+    lists_.resize(nlist);
+  }
+
+  size_t dim() const { return dim_; }
+  size_t nlist() const { return nlist_; }
+  size_t code_size() const { return code_size_; }
+
+  void set_list(size_t list_no, const uint8_t* codes, const int64_t* ids, size_t size) {
+    if (list_no >= nlist_) throw std::out_of_range("IVFPQScanner: list number out of range");
+    if (size > 0 && (codes == nullptr || ids == nullptr))
+      throw std::invalid_argument("IVFPQScanner: non-empty list without codes or ids");
+    lists_[list_no] = InvertedListView{codes, ids, size};
+  }
+
+  // patch id -> image id (int32; -1 = removed/unknown). Not owned; num_images bounds the image ids.
+  void set_image_map(const int32_t* map, size_t map_size, size_t num_images) {
+    map_ = map;
+    map_size_ = map_size;
+    num_images_ = num_images;
+  }
+
+  // The M x ksub ADC table of one query: table[m * ksub + c] = <q_m, pq_centroid[m][c]>.
+  void compute_table(const float* query, float* table) const {
+    for (size_t m = 0; m < M_; ++m) {
+      const float* qm = query + m * dsub_;
+      const float* cent = pq_.data() + m * ksub_ * dsub_;
+      float* out = table + m * ksub_;
+      for (size_t c = 0; c < ksub_; ++c) out[c] = detail::dot(qm, cent + c * dsub_, dsub_);
+    }
+  }
+
+  // Calls visit(patch_id, score) for every code in the probed lists (probe ids < 0 are skipped, like faiss's
+  // padding). This is the one scoring loop, shared by search() and the test hook patch_scores().
+  template <class Visit>
+  void scan(const float* query, const int64_t* probes, size_t nprobe, const float* table, Visit&& visit) const {
+    for (size_t p = 0; p < nprobe; ++p) {
+      const int64_t l = probes[p];
+      if (l < 0) continue;
+      if (static_cast<size_t>(l) >= nlist_) throw std::out_of_range("IVFPQScanner: probed list out of range");
+      const InvertedListView& list = lists_[static_cast<size_t>(l)];
+      if (list.size == 0) continue;
+      // faiss: dis0 = <q, reconstructed centroid>, then dis = dis0 + sum of table entries.
+      const float dis0 = detail::dot(query, coarse_.data() + static_cast<size_t>(l) * dim_, dim_);
+      if (nbits_ == 8)
+        scan_list_8bit(list, table, dis0, visit);
+      else
+        scan_list_generic(list, table, dis0, visit);
+    }
+  }
+
+  // Top-k images per query. queries: nq x dim, probes: nq x nprobe (from the coarse quantiser), outputs nq x k.
+  void search(const float* queries, size_t nq, const int64_t* probes, size_t nprobe, size_t k, int num_threads,
+              float* out_scores, int64_t* out_images, int64_t* out_patches) const {
+    if (map_ == nullptr && map_size_ > 0) throw std::runtime_error("IVFPQScanner: image map not set");
+    parallel_for(0, nq, num_threads, [&](size_t qi) {
+      Lease lease(*this);
+      Scratch& s = *lease.scratch;
+      s.best.ensure(num_images_);
+      s.table.resize(M_ * ksub_);
+      const float* q = queries + qi * dim_;
+      compute_table(q, s.table.data());
+      float* best = s.best.score.data();
+      int64_t* best_patch = s.best.patch.data();
+      std::vector<int32_t>& touched = s.best.touched;
+      touched.clear();
+      scan(q, probes + qi * nprobe, nprobe, s.table.data(), [&](int64_t pid, float score) {
+        if (pid < 0 || static_cast<size_t>(pid) >= map_size_) return;
+        const int32_t img = map_[pid];
+        if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
+        float& b = best[img];
+        if (b == -std::numeric_limits<float>::infinity()) {
+          touched.push_back(img);
+          b = score;
+          best_patch[img] = pid;
+        } else if (score > b || (score == b && pid < best_patch[img])) {
+          b = score;
+          best_patch[img] = pid;
+        }
+      });
+      TopKCollector top(k);
+      for (int32_t img : touched) {
+        const float sc = best[img];
+        if (sc >= top.threshold()) top.push(ImageHit{sc, img, best_patch[img]});
+        best[img] = -std::numeric_limits<float>::infinity();  // reset for the next query
+      }
+      write_hits(top.take_sorted(), k, out_scores + qi * k, out_images + qi * k, out_patches + qi * k);
+    });
+  }
+
+  // Every (patch id, score) the scanner computes for one query: the test hook that compares each score with
+  // faiss's own distance for that id.
+  void patch_scores(const float* query, const int64_t* probes, size_t nprobe, std::vector<int64_t>& ids,
+                    std::vector<float>& scores) const {
+    std::vector<float> table(M_ * ksub_);
+    compute_table(query, table.data());
+    ids.clear();
+    scores.clear();
+    scan(query, probes, nprobe, table.data(), [&](int64_t pid, float score) {
+      ids.push_back(pid);
+      scores.push_back(score);
+    });
+  }
+
+ private:
+  struct Scratch {
+    detail::ImageBest best;
+    std::vector<float> table;
+  };
+
+  // Scratch buffers are pooled on the scanner so that repeated searches do not reallocate the dense per-image
+  // arrays (MBs at 1M images); a worker borrows one per query.
+  struct Lease {
+    const IVFPQScanner& owner;
+    std::unique_ptr<Scratch> scratch;
+    explicit Lease(const IVFPQScanner& o) : owner(o) {
+      std::lock_guard<std::mutex> lock(owner.pool_mutex_);
+      if (owner.pool_.empty()) {
+        scratch = std::make_unique<Scratch>();
+      } else {
+        scratch = std::move(owner.pool_.back());
+        owner.pool_.pop_back();
+      }
+    }
+    ~Lease() {
+      std::lock_guard<std::mutex> lock(owner.pool_mutex_);
+      owner.pool_.push_back(std::move(scratch));
+    }
+  };
+
+  // 8-bit codes: one byte per sub-quantiser. Four codes are summed side by side so that the table lookups of
+  // independent codes overlap (the loop is latency-bound on the loads otherwise).
+  template <class Visit>
+  void scan_list_8bit(const InvertedListView& list, const float* table, float dis0, Visit& visit) const {
+    const size_t M = M_;
+    const uint8_t* codes = list.codes;
+    size_t j = 0;
+    for (; j + 4 <= list.size; j += 4) {
+      const uint8_t* c0 = codes + j * M;
+      const uint8_t* c1 = c0 + M;
+      const uint8_t* c2 = c1 + M;
+      const uint8_t* c3 = c2 + M;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      const float* t = table;
+      for (size_t m = 0; m < M; ++m, t += 256) {
+        s0 += t[c0[m]];
+        s1 += t[c1[m]];
+        s2 += t[c2[m]];
+        s3 += t[c3[m]];
+      }
+      visit(list.ids[j], dis0 + s0);
+      visit(list.ids[j + 1], dis0 + s1);
+      visit(list.ids[j + 2], dis0 + s2);
+      visit(list.ids[j + 3], dis0 + s3);
+    }
+    for (; j < list.size; ++j) {
+      const uint8_t* c = codes + j * M;
+      float s = 0.f;
+      const float* t = table;
+      for (size_t m = 0; m < M; ++m, t += 256) s += t[c[m]];
+      visit(list.ids[j], dis0 + s);
+    }
+  }
+
+  template <class Visit>
+  void scan_list_generic(const InvertedListView& list, const float* table, float dis0, Visit& visit) const {
+    for (size_t j = 0; j < list.size; ++j) {
+      detail::BitDecoder dec(list.codes + j * code_size_, nbits_);
+      float s = 0.f;
+      const float* t = table;
+      for (size_t m = 0; m < M_; ++m, t += ksub_) s += t[dec.next()];
+      visit(list.ids[j], dis0 + s);
+    }
+  }
+
+  size_t dim_, nlist_, M_;
+  int nbits_;
+  size_t dsub_ = 0, ksub_ = 0, code_size_ = 0;
+  std::vector<float> coarse_;
+  std::vector<float> pq_;
+  std::vector<InvertedListView> lists_;
+  const int32_t* map_ = nullptr;
+  size_t map_size_ = 0;
+  size_t num_images_ = 0;
+  mutable std::mutex pool_mutex_;
+  mutable std::vector<std::unique_ptr<Scratch>> pool_;
+};
+
+}  // namespace patchify

@@ -1,0 +1,287 @@
+"""Compressed patch index: faiss IndexIVFPQ storage, searched by our fused C++ max-over-patches scanner.
+
+faiss does what it is good at: training the coarse quantiser and the PQ codebooks, encoding patches (residuals
+w.r.t. their coarse centroid, `by_residual`), maintaining the inverted lists, removing ids, reading and writing
+the index, and the coarse search that picks the `nprobe` lists to visit. The C++ extension (`_core.IVFPQScanner`,
+cpp/src/patchify/ivfpq_scan.h) then scans those lists' PQ codes with faiss's inner-product ADC arithmetic and
+keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking faiss for a
+patch-level top-k' and grouping in numpy would need a large k' (an image's patches crowd the top of the list).
+
+faiss ids are our global patch ids; a dense int32 array maps patch id -> image id (-1 once removed). The C++
+core never links faiss: it reads faiss's inverted lists through numpy views (faiss.rev_swig_ptr) that are
+rebuilt after every add/remove, because faiss may reallocate its lists.
+
+Not safe for concurrent mutation: do not add/remove from one thread while another searches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+
+FORMAT_NAME = "patchify-ivfpq"
+FORMAT_VERSION = 1
+INDEX_FILE = "ivfpq_index.faiss"
+MAP_FILE = "ivfpq_patch_image.npy"
+META_FILE = "ivfpq_meta.json"
+
+# faiss's k-means warns below 39 training points per centroid (and the clustering degrades): we make it an error.
+MIN_POINTS_PER_CENTROID = 39
+_FACTORY = re.compile(r"^IVF(\d+),PQ(\d+)(?:x(\d+))?$", re.IGNORECASE)
+
+
+def _faiss() -> Any:
+    import faiss  # imported lazily: only this index needs it
+
+    return faiss
+
+
+def auto_nlist(n_train: int) -> int:
+    """~4 sqrt(n) coarse lists (the usual faiss rule of thumb), capped so that each centroid still gets at least
+    MIN_POINTS_PER_CENTROID training points."""
+    return max(1, min(int(round(4.0 * math.sqrt(max(n_train, 1)))), n_train // MIN_POINTS_PER_CENTROID))
+
+
+class IVFPQIndex:
+    """Inner-product IVFPQ over L2-normalised patch vectors; fulfils `PatchIndex`.
+
+    nlist=None picks ~4 sqrt(n_train) lists at train time. `factory` takes a faiss spec "IVF<nlist>,PQ<m>[x<nbits>]"
+    instead of nlist/m/nbits. `nprobe` and `num_threads` may be changed at any time.
+    """
+
+    kind = "ivfpq"
+
+    def __init__(self, dim: int, nlist: int | None = None, m: int = 48, nbits: int = 8, nprobe: int = 16,
+                 num_threads: int = 0, *, factory: str | None = None) -> None:
+        if factory is not None:
+            match = _FACTORY.match(factory.replace(" ", ""))
+            if not match:
+                raise ValueError(f"factory must look like 'IVF4096,PQ48' or 'IVF4096,PQ48x8', got {factory!r}")
+            nlist, m = int(match.group(1)), int(match.group(2))
+            nbits = int(match.group(3) or 8)
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if m <= 0 or dim % m:
+            raise ValueError(f"m (PQ sub-quantisers, {m}) must divide the dimension {dim}")
+        if not 1 <= nbits <= 16:
+            raise ValueError(f"nbits must be in [1, 16], got {nbits}")
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be >= 1 or None (automatic), got {nlist}")
+        self.dim = int(dim)
+        self.nlist = None if nlist is None else int(nlist)
+        self.m = int(m)
+        self.nbits = int(nbits)
+        self.nprobe = int(nprobe)
+        self.num_threads = int(num_threads)
+        self._index: Any = None  # faiss.IndexIVFPQ once trained
+        self._map = np.zeros(0, np.int32)  # patch id -> image id, -1 = absent
+        self._num_images = 0  # max image id + 1 ever added (sizes the scanner's dense per-image scratch)
+        self._scanner: Any = None
+        self._lists_stale = True
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ntotal(self) -> int:
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return self._index is not None and bool(self._index.is_trained)
+
+    def min_training_vectors(self, nlist: int | None = None) -> int:
+        """Training vectors needed: MIN_POINTS_PER_CENTROID per coarse list and per PQ centroid (2^nbits)."""
+        nlist = self.nlist if nlist is None else nlist
+        return MIN_POINTS_PER_CENTROID * max(nlist or 1, 1 << self.nbits)
+
+    def train(self, vectors: np.ndarray) -> None:
+        faiss = _faiss()
+        x = self._check_vectors(vectors, "training vectors")
+        need = self.min_training_vectors()
+        if len(x) < need:
+            what = f"nlist={self.nlist}, " if self.nlist else ""
+            raise ValueError(
+                f"IVFPQ training needs at least {need} vectors ({MIN_POINTS_PER_CENTROID} per centroid for "
+                f"{what}{1 << self.nbits} PQ centroids), got {len(x)}; index more patches, lower nlist/nbits, "
+                "or use the flat index")
+        nlist = self.nlist or auto_nlist(len(x))
+        # The factory gives an IndexIVFPQ that owns its flat inner-product quantiser; by_residual is the default.
+        index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{self.m}x{self.nbits}", faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        self._index = index
+        self.nlist = nlist
+        self._build_scanner()
+
+    def add(self, vectors: np.ndarray, patch_ids: np.ndarray, image_ids: np.ndarray) -> None:
+        if not self.is_trained:
+            raise RuntimeError("IVFPQIndex.add: train() the index first")
+        x = self._check_vectors(vectors, "vectors")
+        pids = np.ascontiguousarray(patch_ids, dtype=np.int64).reshape(-1)
+        imgs = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        if len(pids) != len(x) or len(imgs) != len(x):
+            raise ValueError(f"{len(x)} vectors but {len(pids)} patch ids and {len(imgs)} image ids")
+        if len(x) == 0:
+            return
+        if pids.min() < 0 or imgs.min() < 0 or imgs.max() >= np.iinfo(np.int32).max:
+            raise ValueError("patch ids must be >= 0 and image ids in [0, 2^31 - 1)")
+        if len(np.unique(pids)) != len(pids):
+            raise ValueError("duplicate patch ids in one add() call")
+        known = pids[pids < len(self._map)]
+        if np.any(self._map[known] >= 0):
+            raise ValueError(f"patch ids already in the index: {known[self._map[known] >= 0][:10].tolist()}")
+        self._index.add_with_ids(x, pids)
+        # Copy-on-write: the scanner holds a pointer to the current map until it is handed the new one.
+        new_map = np.full(max(len(self._map), int(pids.max()) + 1), -1, np.int32)
+        new_map[: len(self._map)] = self._map
+        new_map[pids] = imgs.astype(np.int32)
+        self._map = new_map
+        self._num_images = max(self._num_images, int(imgs.max()) + 1)
+        self._lists_stale = True
+
+    def remove_images(self, image_ids: np.ndarray) -> int:
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        if self._index is None or len(ids) == 0:
+            return 0
+        patches = np.flatnonzero(np.isin(self._map, ids)).astype(np.int64)
+        if len(patches) == 0:
+            return 0
+        removed = int(self._index.remove_ids(patches))
+        new_map = self._map.copy()
+        new_map[patches] = -1
+        self._map = new_map
+        self._lists_stale = True
+        return removed
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q = self._check_queries(queries)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self.ntotal == 0:
+            return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64),
+                    np.full((len(q), k), -1, np.int64))
+        scanner = self._ready_scanner()
+        return scanner.search(q, self.probe(q), int(k), self.num_threads)
+
+    def probe(self, queries: np.ndarray) -> np.ndarray:
+        """The inverted lists faiss itself would visit: the quantiser's top-nprobe lists per query (nq, nprobe)."""
+        nprobe = max(1, min(int(self.nprobe), int(self._index.nlist)))
+        _, lists = self._index.quantizer.search(queries, nprobe)
+        return lists
+
+    def patch_scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every (patch id, score) the scanner computes for one query at the current nprobe (for tests/debugging)."""
+        q = self._check_queries(query)
+        if len(q) != 1:
+            raise ValueError("patch_scores takes one query")
+        return _core.ivfpq_patch_scores(self._ready_scanner(), q[0], self.probe(q)[0])
+
+    @property
+    def faiss_index(self) -> Any:
+        """The underlying faiss.IndexIVFPQ (read-only use: mutate through add/remove_images)."""
+        return self._index
+
+    def nbytes(self) -> int:
+        """PQ codes + faiss ids (int64) + the patch -> image map."""
+        if self._index is None:
+            return int(self._map.nbytes)
+        return int(self.ntotal * (self._index.code_size + 8) + self._map.nbytes)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: Path) -> None:
+        if self._index is None:
+            raise ValueError("IVFPQIndex.save: nothing to save, the index is not trained")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _faiss().write_index(self._index, str(directory / INDEX_FILE))
+        np.save(directory / MAP_FILE, self._map)
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dim": self.dim, "nlist": self.nlist,
+                "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe, "ntotal": self.ntotal,
+                "num_images": self._num_images}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path, num_threads: int = 0) -> "IVFPQIndex":
+        from ..storage import IndexFormatError
+
+        directory = Path(directory)
+        paths = [directory / name for name in (META_FILE, INDEX_FILE, MAP_FILE)]
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise IndexFormatError(f"{directory}: not an IVFPQ index, missing {', '.join(missing)}")
+        try:
+            meta = json.loads(paths[0].read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IndexFormatError(f"{paths[0]}: unreadable IVFPQ metadata ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise IndexFormatError(f"{paths[0]}: not {FORMAT_NAME} metadata")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise IndexFormatError(f"{paths[0]}: IVFPQ format version {meta.get('format_version')!r} is not "
+                                   f"supported (this Patchify reads version {FORMAT_VERSION})")
+        faiss = _faiss()
+        index = faiss.read_index(str(paths[1]))
+        if not isinstance(index, faiss.IndexIVFPQ) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
+                or not index.by_residual:
+            raise IndexFormatError(f"{paths[1]}: expected an inner-product, by-residual faiss IndexIVFPQ")
+        if (index.d, index.nlist, index.pq.M, index.pq.nbits, index.ntotal) != \
+                (meta["dim"], meta["nlist"], meta["m"], meta["nbits"], meta["ntotal"]):
+            raise IndexFormatError(f"{directory}: {INDEX_FILE} does not match {META_FILE} "
+                                   f"(d/nlist/M/nbits/ntotal {index.d}/{index.nlist}/{index.pq.M}/{index.pq.nbits}/"
+                                   f"{index.ntotal} vs {meta['dim']}/{meta['nlist']}/{meta['m']}/{meta['nbits']}/"
+                                   f"{meta['ntotal']})")
+        patch_map = np.load(paths[2], allow_pickle=False)
+        if patch_map.dtype != np.int32 or patch_map.ndim != 1 or int((patch_map >= 0).sum()) != index.ntotal:
+            raise IndexFormatError(f"{paths[2]}: patch -> image map does not match the {index.ntotal} indexed patches")
+        self = cls(int(meta["dim"]), nlist=int(meta["nlist"]), m=int(meta["m"]), nbits=int(meta["nbits"]),
+                   nprobe=int(meta["nprobe"]), num_threads=num_threads)
+        self._index = index
+        self._map = patch_map
+        self._num_images = int(meta["num_images"])
+        self._build_scanner()
+        return self
+
+    # ------------------------------------------------------------------ internals
+    def _build_scanner(self) -> None:
+        faiss = _faiss()
+        ivf = self._index
+        coarse = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        pq = faiss.vector_to_array(ivf.pq.centroids).reshape(ivf.pq.M, ivf.pq.ksub, ivf.pq.dsub)
+        self._scanner = _core.IVFPQScanner(coarse, pq, int(ivf.pq.nbits))
+        self._lists_stale = True
+
+    def _ready_scanner(self) -> Any:
+        if self._lists_stale:
+            faiss = _faiss()
+            invlists = self._index.invlists
+            code_size = int(invlists.code_size)
+            empty_codes, empty_ids = np.zeros(0, np.uint8), np.zeros(0, np.int64)
+            codes, ids = [], []
+            for list_no in range(self._index.nlist):
+                n = int(invlists.list_size(list_no))
+                if n == 0:
+                    codes.append(empty_codes)
+                    ids.append(empty_ids)
+                else:  # views of faiss's own memory (ArrayInvertedLists): nothing is copied
+                    codes.append(faiss.rev_swig_ptr(invlists.get_codes(list_no), n * code_size))
+                    ids.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), n))
+            self._scanner.set_lists(codes, ids)
+            self._scanner.set_image_map(self._map, self._num_images)
+            self._lists_stale = False
+        return self._scanner
+
+    def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{what} must be (n, {self.dim}), got shape {x.shape}")
+        return x
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        return self._check_vectors(q, "queries")

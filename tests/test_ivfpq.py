@@ -1,0 +1,240 @@
+"""IVFPQIndex: the fused C++ scanner must reproduce faiss exactly - every patch score equals faiss's own distance
+for that id, and the image ranking equals a numpy group-by over faiss's exhaustive patch results at the same
+nprobe - after training, after later adds, after removals and after save/load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from patchify import _core
+from patchify.index.base import PatchIndex
+from patchify.index.ivfpq import IVFPQIndex, auto_nlist
+from patchify.storage import IndexFormatError
+
+DIM, M, NLIST = 32, 8, 32
+PATCHES_PER_IMAGE = 7
+
+
+def clustered(n_images: int, seed: int, first_image: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Patches of one image scatter around the image's own centre, images around a few shared themes."""
+    rng = np.random.default_rng(seed)
+    themes = rng.standard_normal((40, DIM))
+    centres = themes[rng.integers(0, len(themes), n_images)] + 0.7 * rng.standard_normal((n_images, DIM))
+    x = np.repeat(centres, PATCHES_PER_IMAGE, axis=0) + 0.6 * rng.standard_normal((n_images * PATCHES_PER_IMAGE, DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x, np.repeat(np.arange(first_image, first_image + n_images), PATCHES_PER_IMAGE).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return clustered(1500, seed=1)  # 10500 patches: enough for 39 x 256 PQ training points
+
+
+@pytest.fixture(scope="module")
+def trained_faiss(data):  # training is the slow part: do it once, copy the trained index per test
+    x, _ = data
+    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2)
+    index.train(x)
+    return index
+
+
+def fresh(trained: IVFPQIndex) -> IVFPQIndex:
+    import faiss
+
+    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2)
+    index._index = faiss.clone_index(trained.faiss_index)
+    index._build_scanner()
+    return index
+
+
+def queries(n: int = 6, seed: int = 5) -> np.ndarray:
+    x, _ = clustered(n, seed=seed)
+    return x[::PATCHES_PER_IMAGE].copy()
+
+
+def faiss_patch_results(index: IVFPQIndex, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's exhaustive patch-level results at the index's nprobe (k = everything in the probed lists)."""
+    ivf = index.faiss_index
+    ivf.nprobe = index.nprobe
+    return ivf.search(q, int(ivf.ntotal))
+
+
+def reference_images(index: IVFPQIndex, q: np.ndarray, k: int):
+    """numpy group-by over faiss's exhaustive patch results: max per image, ties by patch id, then image id."""
+    D, I = faiss_patch_results(index, q)
+    out = []
+    for d, ids in zip(D, I):
+        keep = ids >= 0
+        d, ids = d[keep], ids[keep]
+        imgs = index._map[ids].astype(np.int64)
+        order = np.lexsort((ids, -d))  # best score first, ties -> smaller patch id
+        _, first = np.unique(imgs[order], return_index=True)
+        best = order[first]
+        rank = np.lexsort((imgs[best], -d[best]))[:k]
+        out.append((d[best][rank], imgs[best][rank], ids[best][rank]))
+    return out
+
+
+def assert_matches_faiss(index: IVFPQIndex, q: np.ndarray, k: int = 10) -> None:
+    # 1) every patch score equals faiss's distance for that id
+    D, I = faiss_patch_results(index, q)
+    for qi in range(len(q)):
+        ids, scores = index.patch_scores(q[qi])
+        faiss_scores = dict(zip(I[qi][I[qi] >= 0].tolist(), D[qi][I[qi] >= 0].tolist()))
+        assert sorted(ids.tolist()) == sorted(faiss_scores)  # same probed patches
+        np.testing.assert_allclose(scores, [faiss_scores[i] for i in ids.tolist()], atol=1e-4)
+    # 2) image ranking equals the numpy group-by (float summation order may differ by ~1e-7: allow ties only)
+    s, imgs, patches = index.search(q, k)
+    for qi, (rs, rimgs, rpatches) in enumerate(reference_images(index, q, k)):
+        n = len(rimgs)
+        np.testing.assert_allclose(s[qi, :n], rs, atol=1e-4)
+        near_tie = np.abs(np.diff(rs)) < 1e-5 if n > 1 else np.zeros(0, bool)
+        if not near_tie.any():
+            np.testing.assert_array_equal(imgs[qi, :n], rimgs)
+            np.testing.assert_array_equal(patches[qi, :n], rpatches)
+        else:
+            assert set(imgs[qi, :n][rs < rs[-1] - 1e-5]) == set(rimgs[rs < rs[-1] - 1e-5])
+        assert np.all(imgs[qi, n:] == -1) and np.all(np.isneginf(s[qi, n:]))
+
+
+@pytest.mark.parametrize("nprobe", [1, 4, NLIST])
+def test_scores_and_ranking_equal_faiss(trained_faiss, data, nprobe):
+    index = fresh(trained_faiss)
+    x, images = data
+    index.add(x, np.arange(len(x)), images)
+    index.nprobe = nprobe
+    assert_matches_faiss(index, queries())
+    assert isinstance(index, PatchIndex)
+
+
+def test_threads_agree_and_single_query(trained_faiss, data):
+    index = fresh(trained_faiss)
+    x, images = data
+    index.add(x, np.arange(len(x)), images)
+    q = queries(20)
+    index.num_threads = 1
+    one = index.search(q, 7)
+    index.num_threads = 4
+    many = index.search(q, 7)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
+    single = index.search(q[3], 7)  # a 1-D query is one row
+    np.testing.assert_array_equal(single[1], one[1][3:4])
+
+
+def test_add_after_training_and_remove(trained_faiss, data):
+    index = fresh(trained_faiss)
+    x, images = data
+    half = len(x) // 2
+    index.add(x[:half], np.arange(half), images[:half])
+    index.add(x[half:], np.arange(half, len(x)), images[half:])  # added after training, in a second batch
+    more, more_images = clustered(100, seed=9, first_image=int(images.max()) + 1)
+    index.add(more, np.arange(len(x), len(x) + len(more)), more_images)
+    assert index.ntotal == len(x) + len(more)
+    q = np.concatenate([queries(), more[:3 * PATCHES_PER_IMAGE:PATCHES_PER_IMAGE]])
+    assert_matches_faiss(index, q)
+
+    _, top, _ = index.search(q, 5)
+    gone = np.unique(top[:, :2])
+    removed = index.remove_images(gone)
+    assert removed == PATCHES_PER_IMAGE * len(gone)
+    assert index.ntotal == len(x) + len(more) - removed
+    _, after, _ = index.search(q, 50)
+    assert not np.isin(after, gone).any()
+    assert_matches_faiss(index, q)
+    assert index.remove_images(gone) == 0  # already gone
+
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(x[:1], np.array([len(x) - 1]), np.array([0]))
+
+
+def test_save_load_roundtrip_and_errors(trained_faiss, data, tmp_path):
+    index = fresh(trained_faiss)
+    x, images = data
+    index.add(x, np.arange(len(x)), images)
+    index.remove_images(np.array([0, 5, 7]))
+    index.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ivfpq_index.faiss", "ivfpq_meta.json",
+                                                          "ivfpq_patch_image.npy"]
+    loaded = IVFPQIndex.load(tmp_path)
+    assert (loaded.ntotal, loaded.nlist, loaded.m, loaded.nbits, loaded.nprobe) == (index.ntotal, NLIST, M, 8, 4)
+    q = queries()
+    for a, b in zip(index.search(q, 10), loaded.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    assert_matches_faiss(loaded, q)
+    assert loaded.nbytes() == index.nbytes()
+    # adding to a loaded index works too
+    more, more_images = clustered(20, seed=11, first_image=5000)
+    loaded.add(more, np.arange(len(x), len(x) + len(more)), more_images)
+    assert_matches_faiss(loaded, q)
+
+    meta_path = tmp_path / "ivfpq_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="version 99"):
+        IVFPQIndex.load(tmp_path)
+    meta["format_version"] = 1
+    meta["ntotal"] = 3
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="does not match"):
+        IVFPQIndex.load(tmp_path)
+    (tmp_path / "ivfpq_patch_image.npy").unlink()
+    with pytest.raises(IndexFormatError, match="missing ivfpq_patch_image.npy"):
+        IVFPQIndex.load(tmp_path)
+
+
+def test_nbytes_counts_codes_ids_and_map(trained_faiss, data):
+    index = fresh(trained_faiss)
+    x, images = data
+    index.add(x, np.arange(len(x)), images)
+    assert index.nbytes() == len(x) * (M + 8) + len(x) * 4  # 8-bit codes: M bytes, int64 id, int32 map entry
+
+
+def test_training_size_checks_and_auto_nlist(data):
+    x, _ = data
+    with pytest.raises(ValueError, match=r"at least 9984 vectors.*got 5000"):
+        IVFPQIndex(DIM, m=M).train(x[:5000])
+    with pytest.raises(ValueError, match=r"at least 39000 vectors"):
+        IVFPQIndex(DIM, nlist=1000, m=M).train(x)
+    assert auto_nlist(10_000) == 256 and auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2
+    index = IVFPQIndex(DIM, nlist=None, m=M, nbits=6)  # 64 PQ centroids: 39 * 64 = 2496 vectors suffice
+    index.train(x[:3000])
+    assert index.nlist == auto_nlist(3000) == 76
+    index.add(x[:3000], np.arange(3000), np.arange(3000) // 7)
+    assert_matches_faiss(index, queries(3))  # bit-packed 6-bit codes go through the generic decoder
+
+
+def test_constructor_validation_and_factory():
+    with pytest.raises(ValueError, match="must divide"):
+        IVFPQIndex(30, m=8)
+    with pytest.raises(ValueError, match="factory"):
+        IVFPQIndex(32, factory="HNSW32")
+    index = IVFPQIndex(32, factory="IVF64,PQ8x6", nprobe=3)
+    assert (index.nlist, index.m, index.nbits, index.nprobe) == (64, 8, 6, 3)
+    empty = index.search(np.ones((2, 32), np.float32), 3)
+    assert empty[1].shape == (2, 3) and np.all(empty[1] == -1)
+    with pytest.raises(RuntimeError, match="train"):
+        index.add(np.ones((1, 32), np.float32), np.array([0]), np.array([0]))
+
+
+def test_scanner_binding_validates_inputs():
+    coarse = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match="pq centroids"):
+        _core.IVFPQScanner(coarse, np.zeros((2, 256, 3), np.float32), 8)
+    scanner = _core.IVFPQScanner(coarse, np.zeros((2, 256, 4), np.float32), 8)
+    with pytest.raises(ValueError, match="one codes and one ids"):
+        scanner.set_lists([], [])
+    with pytest.raises(ValueError, match="code bytes"):
+        scanner.set_lists([np.zeros(3, np.uint8)] + [np.zeros(0, np.uint8)] * 3, [np.zeros(1, np.int64)] * 4)
+
+
+def test_engine_reports_too_few_training_vectors(photos, thumbnail_backbone):
+    pytest.importorskip("patchify.tiling")  # the engine needs the tiler work
+    from patchify.engine import Patchify
+
+    engine = Patchify(backbone=thumbnail_backbone, levels=2, index="ivfpq", m=8)
+    with pytest.raises(ValueError, match="IVFPQ training needs at least"):
+        engine.add_images(photos[:2])
