@@ -12,10 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PHOTOS_DIR = Path(__file__).resolve().parents[3] / "data" / "photos"
+import os
+
+# The repository's data/photos; an installed wheel does not carry them, so PATCHIFY_PHOTOS can point there.
+PHOTOS_DIR = Path(os.environ.get("PATCHIFY_PHOTOS", Path(__file__).resolve().parents[3] / "data" / "photos"))
 
 # name -> (pool, key). Photos are chosen by content: object sources hold distinct things; background sources
-# are scenes and textures. pic2/pic4 are left out: they are synthetic noise test patterns, not photos.
+# are scenes and textures. pic2/pic4 and skimage colorwheel are left out: synthetic
+# test patterns, not photos.
 OBJECT_SOURCES = {
     "photos/apple": ("photos", "apple.jpg"), "photos/baboon": ("photos", "baboon.jpg"),
     "photos/butterfly": ("photos", "butterfly.jpg"), "photos/cards": ("photos", "cards.png"),
@@ -27,7 +31,7 @@ OBJECT_SOURCES = {
     "skimage/astronaut": ("skimage", "astronaut"), "skimage/coffee": ("skimage", "coffee"),
     "skimage/chelsea": ("skimage", "chelsea"), "skimage/rocket": ("skimage", "rocket"),
     "skimage/immunohistochemistry": ("skimage", "immunohistochemistry"),
-    "skimage/colorwheel": ("skimage", "colorwheel"), "sklearn/flower": ("sklearn", "flower.jpg"),
+    "sklearn/flower": ("sklearn", "flower.jpg"),
 }
 BACKGROUND_SOURCES = {
     "photos/board": ("photos", "board.jpg"), "photos/building": ("photos", "building.jpg"),
@@ -49,6 +53,8 @@ def _to_rgb(arr: np.ndarray) -> Image.Image:
 def load_source(pool: str, key: str) -> Image.Image:
     """One source photo as an RGB PIL image."""
     if pool == "photos":
+        if not (PHOTOS_DIR / key).is_file():
+            raise FileNotFoundError(f"{PHOTOS_DIR / key} missing: set PATCHIFY_PHOTOS to the repository's data/photos")
         with Image.open(PHOTOS_DIR / key) as im:
             if im.mode in ("RGBA", "LA", "P"):
                 # Composite transparency over white so cut-outs have no black holes.
