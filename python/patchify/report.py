@@ -206,10 +206,10 @@ def plot_levels(summary_by_level: Mapping[Any, Any], path: str | os.PathLike) ->
         bars = ax.bar(x + off, np.nan_to_num(vals), 0.4, label=key, color=colour)
         ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.2f}" for v in vals], fontsize=8)
     ax.set_xticks(x, labels)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.25)  # headroom for the value labels and the legend above the bars
     ax.set_ylabel("score")
-    ax.set_title("Retrieval (mAP) and localisation (LocScore) per level")
-    ax.legend(loc="lower right")
+    ax.set_title("mAP and LocScore per level")
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
