@@ -44,15 +44,23 @@ def test_composite_layout_and_counts(tiny):
 
 
 def test_composite_boxes_inside_images_and_areas_in_range(tiny):
+    gt = json.loads((tiny.root / "groundtruth.json").read_text())
     for q, pos in enumerate(tiny.positives):
         for i in pos:
             (x0, y0, x1, y1), = tiny.boxes[q][i]
             w, h = Image.open(tiny.database[i]).size
             assert (w, h) == (160, 120)
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-            frac = (x1 - x0) * (y1 - y0) / (w * h)
-            # occlusion may trim the visible box a little below the sampled range
-            assert AREA_RANGE[0] * 0.5 <= frac <= AREA_RANGE[1] + 0.02
+            # the whole object's box is in the sampled area range (up to pixel rounding); the visible box
+            # (ground truth) lies inside it
+            rec = gt["database"][i]
+            ox0, oy0, ox1, oy1 = rec["object_box"]
+            assert ox0 <= x0 < x1 <= ox1 and oy0 <= y0 < y1 <= oy1
+            frac = (ox1 - ox0) * (oy1 - oy0) / (w * h)
+            assert frac == pytest.approx(rec["area_fraction"], abs=1e-5)
+            assert AREA_RANGE[0] - 0.003 <= frac <= AREA_RANGE[1] + 0.003
+            assert 0.0 <= rec["occluded_fraction"] <= 0.35
+            assert rec["occluded"] or rec["occluded_fraction"] == 0.0
         qx0, qy0, qx1, qy1 = tiny.query_boxes[q]
         qw, qh = Image.open(tiny.queries[q]).size
         assert 0 <= qx0 < qx1 <= qw and 0 <= qy0 < qy1 <= qh

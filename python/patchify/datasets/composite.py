@@ -44,10 +44,12 @@ Made by `patchify.datasets.build_composite_benchmark` (seed {seed}); load with
 
 groundtruth.json:
   "objects":  [{{"id", "source" (photo it was cut from), "source_box" [x0, y0, x1, y1]}}]
-  "database": [{{"file", "object" (id or null), "box" [x0, y0, x1, y1] or null, "area_fraction",
-                "rotation" (degrees), "occluded" (bool), "background" (source photo)}}]
+  "database": [{{"file", "object" (id or null), "box" [x0, y0, x1, y1] or null (visible pixels: the
+                ground truth), "object_box" (the whole pasted object, before occlusion), "area_fraction"
+                (object_box area / image area), "rotation" (degrees), "occluded" (bool), "occluded_fraction"
+                (share of the object's pixels hidden), "background" (source photo)}}]
   "queries":  [{{"file", "object", "box" (object in the query image), "positives" (database indices)}}]
-Boxes are pixels, exclusive max, the bounding box of the object's visible pixels.
+Boxes are pixels, exclusive max.
 
 Sources: {sources}
 """
@@ -127,19 +129,31 @@ def _paste_object(canvas: Image.Image, obj_img: Image.Image, bg_src: Image.Image
     visible = np.zeros((H, W), dtype=bool)
     alpha = np.asarray(rot.getchannel("A")) >= 128
     visible[y:y + rh, x:x + rw] = alpha[: H - y, : W - x]
+    full = _mask_box(visible)
+    n_full = int(visible.sum())
     occluded = bool(rng.random() < 0.35)
     if occluded:
-        # A piece of a background photo covers one corner of the object (up to ~45 % x 45 % of its box).
-        ow, oh = max(4, int(rw * rng.uniform(0.2, 0.45))), max(4, int(rh * rng.uniform(0.2, 0.45)))
+        # A piece of a background photo covers a corner of the object: 20-45 % of its box per side, pushed up
+        # to a quarter of its size inwards so that it also lands on a rotated object, not on its empty corner.
+        bw_, bh_ = full[2] - full[0], full[3] - full[1]
+        ow, oh = max(4, int(bw_ * rng.uniform(0.2, 0.45))), max(4, int(bh_ * rng.uniform(0.2, 0.45)))
         corner = int(rng.integers(0, 4))
-        ox = x if corner % 2 == 0 else x + rw - ow
-        oy = y if corner < 2 else y + rh - oh
+        dx, dy = int(ow * rng.uniform(0, 0.25)), int(oh * rng.uniform(0, 0.25))
+        ox = full[0] + dx if corner % 2 == 0 else full[2] - ow - dx
+        oy = full[1] + dy if corner < 2 else full[3] - oh - dy
         canvas.paste(_background(bg_src, (ow, oh), rng), (ox, oy))
         visible[max(oy, 0):oy + oh, max(ox, 0):ox + ow] = False
-    ys, xs = np.nonzero(visible)
-    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-    return {"box": box, "area_fraction": round((box[2] - box[0]) * (box[3] - box[1]) / (W * H), 6),
-            "rotation": round(angle, 3), "occluded": occluded}
+    box = _mask_box(visible)
+    hidden = round(1.0 - int(visible.sum()) / n_full, 4)
+    return {"box": box, "object_box": full,
+            "area_fraction": round((full[2] - full[0]) * (full[3] - full[1]) / (W * H), 6),
+            "rotation": round(angle, 3), "occluded": occluded and hidden > 0, "occluded_fraction": hidden}
+
+
+def _mask_box(mask: np.ndarray) -> list[int]:
+    """Bounding box (x0, y0, x1, y1, exclusive max) of a non-empty boolean mask."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
 def _make_query(src: Image.Image, source_box: list[int], rng: np.random.Generator) -> tuple[Image.Image, list[int]]:
@@ -190,8 +204,9 @@ def build_composite_benchmark(out_dir: str | os.PathLike, n_objects: int = 50, p
         rng = _rng(seed, 1, a, k) if kind == "pos" else _rng(seed, 2, a)
         bg = bg_names[int(rng.integers(len(bg_names)))]
         canvas = _background(bg_src[bg], (W, H), rng)
-        rec: dict[str, Any] = {"file": f"images/{idx:05d}.jpg", "object": None, "box": None, "area_fraction": 0.0,
-                               "rotation": 0.0, "occluded": False, "background": bg}
+        rec: dict[str, Any] = {"file": f"images/{idx:05d}.jpg", "object": None, "box": None, "object_box": None,
+                               "area_fraction": 0.0, "rotation": 0.0, "occluded": False, "occluded_fraction": 0.0,
+                               "background": bg}
         if kind == "pos":
             occ_src = bg_src[bg_names[int(rng.integers(len(bg_names)))]]
             rec.update(_paste_object(canvas, crops[a], occ_src, rng), object=a)
