@@ -168,3 +168,21 @@ def test_rankings_from_hits():
     assert rankings == [[3, 1]] and boxes == [[(0, 0, 2, 2), (1, 1, 2, 2)]] and scores == [[0.9, 0.5]]
     ev = M.evaluate_rankings(rankings, boxes, [{"positives": [1], "boxes": {1: [(1, 1, 2, 2)]}}], scores=scores)
     assert ev.ap[0] == 0.5 and ev.loc_score[0] == 0.5
+
+
+def test_locscore_ties_keep_boxes_with_their_images():
+    # scores reorder [a, x] to [x, a] (pessimistic tie); a's box must travel with it: IoU 1 at precision 1/2
+    gt = {"a": [(0, 0, 4, 4)]}
+    got = M.loc_score(["a", "x"], [(0, 0, 4, 4), (9, 9, 10, 10)], {"a"}, gt, scores=[1.0, 1.0])
+    assert got == pytest.approx(0.5)
+    # roxford LocScore, a at 0-based rank 1: P0 = 0/1, P1 = 1/2 -> (0 + 1/2) / 2 = 0.25, times IoU 0.5
+    assert M.loc_score(["x", "a"], [None, (0, 0, 4, 2)], {"a"}, gt, variant="roxford") == pytest.approx(0.25 * 0.5)
+
+
+def test_evaluate_rankings_roxford_variant():
+    ev = M.evaluate_rankings([RANKING], None, [M.QueryGroundTruth(frozenset(POS), frozenset(JUNK))], variant="roxford")
+    assert ev.summary()["mAP"] == pytest.approx(0.533333, abs=1e-6)
+    with pytest.raises(ValueError):
+        M.average_precision(RANKING, POS, variant="trapezoid")
+    with pytest.raises(ValueError):
+        M.average_precision(RANKING, POS, scores=[1] * 6, ties="random")
