@@ -54,7 +54,7 @@ def test_draw_results_groundtruth_by_sequence_and_mapping(photos, hits):
 def test_draw_results_accepts_arrays_and_relevance(photos, hits):
     q = np.asarray(Image.open(photos[0]).convert("RGB"))
     img = R.draw_results(q, hits, k=2, relevant={hits[0].path}, query_box=(0, 0, 30, 30), height=80)
-    assert _colour_pixels(img, R.QUERY_COLOUR) > 0 and _colour_pixels(img, (220, 30, 30)) > 0
+    assert _colour_pixels(img, R.QUERY_COLOUR) > 0 and _colour_pixels(img, R.WRONG_COLOUR) > 0
     assert R.draw_results(q, [], k=5, height=80).height == 80 + R.CAPTION_HEIGHT  # no hits: query only
 
 
@@ -84,8 +84,8 @@ def _evaluation() -> M.RetrievalEvaluation:
     # q0: AP 1, LocScore 0.1 (found first, wrong place); q1: AP 1, LocScore 1; q2: AP 0.5, LocScore 0
     gts = [{"positives": ["a"], "boxes": {"a": (0, 0, 10, 10)}}, {"positives": ["b"], "boxes": {"b": (0, 0, 10, 10)}},
            {"positives": ["c"], "boxes": {"c": (0, 0, 10, 10)}}]
-    return M.evaluate_rankings([["a"], ["b"], ["x", "c"]], [[(0, 0, 10, 1)], [(0, 0, 10, 10)], [None, (50, 50, 60, 60)]],
-                               gts, query_ids=["q0", "q1", "q2"])
+    boxes = [[(0, 0, 10, 1)], [(0, 0, 10, 10)], [None, (50, 50, 60, 60)]]
+    return M.evaluate_rankings([["a"], ["b"], ["x", "c"]], boxes, gts, query_ids=["q0", "q1", "q2"])
 
 
 def test_high_ap_low_loc():

@@ -209,12 +209,17 @@ class QueryGroundTruth:
         """Accepts a QueryGroundTruth or a dict with "positives", optional "junk" and "boxes"."""
         if isinstance(gt, QueryGroundTruth):
             return gt
-        boxes = {k: tuple(tuple(b) for b in _as_box_list(v)) for k, v in (gt.get("boxes") or {}).items()}
+        boxes = {k: tuple(_box(b) for b in _as_box_list(v)) for k, v in (gt.get("boxes") or {}).items()}
         return cls(frozenset(gt["positives"]), frozenset(gt.get("junk", ())), boxes)
 
     @property
     def has_boxes(self) -> bool:
         return bool(self.positives) and all(self.boxes.get(p) for p in self.positives - self.junk)
+
+
+def _box(b: Sequence[float]) -> Box:
+    x0, y0, x1, y1 = b
+    return (x0, y0, x1, y1)
 
 
 def _as_box_list(v: Any) -> list[Sequence[float]]:
@@ -287,28 +292,29 @@ def evaluate_rankings(rankings: Sequence[Sequence[Hashable]], boxes: Sequence[Se
     for q, ranking in enumerate(rankings):
         gt = QueryGroundTruth.coerce(groundtruth[q])
         sc = None if scores is None else scores[q]
-        kw = dict(scores=sc, ties=ties)
-        ap = average_precision(ranking, gt.positives, gt.junk, variant=variant, **kw)
+        ap = average_precision(ranking, gt.positives, gt.junk, variant=variant, scores=sc, ties=ties)
         q_boxes = None if boxes is None else boxes[q]
         if q_boxes is not None and gt.has_boxes:
-            loc = loc_score(ranking, q_boxes, gt.positives, gt.boxes, gt.junk, variant=variant, **kw)
+            loc = loc_score(ranking, q_boxes, gt.positives, gt.boxes, gt.junk, variant=variant, scores=sc, ties=ties)
         else:
             loc = math.nan
         out.append(QueryEvaluation(
             query=q if query_ids is None else query_ids[q], ap=ap, loc_score=loc,
-            ap_at_k=average_precision_at_k(ranking, gt.positives, map_k, gt.junk, **kw),
-            recall={k: recall_at_k(ranking, gt.positives, k, gt.junk, **kw) for k in ks},
+            ap_at_k=average_precision_at_k(ranking, gt.positives, map_k, gt.junk, scores=sc, ties=ties),
+            recall={k: recall_at_k(ranking, gt.positives, k, gt.junk, scores=sc, ties=ties) for k in ks},
             n_positives=len(gt.positives - gt.junk)))
     return RetrievalEvaluation(out, int(map_k), ks, variant)
 
 
 def rankings_from_hits(hits_per_query: Sequence[Sequence[Any]], id_of=lambda hit: hit.image_id
-                       ) -> tuple[list[list[Hashable]], list[list[Box]], list[list[float]]]:
+                       ) -> tuple[list[list[Hashable]], list[list[Box | None]], list[list[float]]]:
     """Engine results (`patchify.engine.Hit`-like: .score, .box) -> (rankings, boxes, scores) for
     `evaluate_rankings`. ``id_of`` maps a hit to the ground truth's id (e.g. ``lambda h: index[h.path]``)."""
-    rankings, boxes, scores = [], [], []
+    rankings: list[list[Hashable]] = []
+    boxes: list[list[Box | None]] = []
+    scores: list[list[float]] = []
     for hits in hits_per_query:
         rankings.append([id_of(h) for h in hits])
-        boxes.append([tuple(h.box) if h.box is not None else None for h in hits])
+        boxes.append([_box(h.box) if h.box is not None else None for h in hits])
         scores.append([float(h.score) for h in hits])
     return rankings, boxes, scores

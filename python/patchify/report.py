@@ -26,9 +26,11 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .metrics import QueryEvaluation, RetrievalEvaluation, best_iou
 
-HIT_COLOUR = (255, 140, 0)  # winning patch
-GT_COLOUR = (40, 200, 60)  # ground truth
-QUERY_COLOUR = (60, 120, 255)
+Colour = tuple[int, int, int]
+HIT_COLOUR: Colour = (255, 140, 0)  # winning patch
+GT_COLOUR: Colour = (40, 200, 60)  # ground truth
+QUERY_COLOUR: Colour = (60, 120, 255)
+WRONG_COLOUR: Colour = (220, 30, 30)
 CAPTION_HEIGHT = 36
 
 def _open(image: Any) -> Image.Image:
@@ -40,7 +42,7 @@ def _open(image: Any) -> Image.Image:
         return ImageOps.exif_transpose(im).convert("RGB")  # boxes are in upright pixels, like the engine's
 
 
-def _font(size: int = 13) -> ImageFont.ImageFont:
+def _font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
@@ -70,8 +72,8 @@ def _gt_for(groundtruth_boxes: Any, hit: Any, i: int) -> list:
     return [tuple(b) for b in arr.reshape(-1, 4)] if arr.size else []
 
 
-def _tile(img: Image.Image, boxes: Sequence[tuple[Sequence[float], tuple[int, int, int, int]]], height: int,
-          caption: str, border: tuple[int, int, int] | None = None) -> Image.Image:
+def _tile(img: Image.Image, boxes: Sequence[tuple[Sequence[float], Colour]], height: int, caption: str,
+          border: Colour | None = None) -> Image.Image:
     """img scaled to `height` with boxes (original pixels) drawn in their colours and a caption strip."""
     scale = height / img.height
     thumb = img.resize((max(1, round(img.width * scale)), height), Image.Resampling.BILINEAR)
@@ -101,7 +103,7 @@ def draw_results(query_image: Any, hits: Sequence[Any], *, groundtruth_boxes: An
                    "query")]
     for i, hit in enumerate(list(hits)[:k]):
         gts = _gt_for(groundtruth_boxes, hit, i)
-        boxes = [(g, GT_COLOUR) for g in gts]
+        boxes: list[tuple[Sequence[float], Colour]] = [(g, GT_COLOUR) for g in gts]
         if getattr(hit, "box", None) is not None:
             boxes.append((hit.box, HIT_COLOUR))
         caption = f"#{int(getattr(hit, 'rank', i)) + 1}  {float(hit.score):.3f}"  # Hit.rank is 0-based
@@ -112,7 +114,7 @@ def draw_results(query_image: Any, hits: Sequence[Any], *, groundtruth_boxes: An
         border = None
         if relevant is not None:
             ok = getattr(hit, "path", None) in relevant or getattr(hit, "image_id", None) in relevant
-            border = GT_COLOUR if ok else (220, 30, 30)
+            border = GT_COLOUR if ok else WRONG_COLOUR
         tiles.append(_tile(_open(hit.path), boxes, height, caption, border))
     width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
     sheet = Image.new("RGB", (width, height + CAPTION_HEIGHT), "white")
@@ -161,7 +163,7 @@ def save_report_html(path: str | os.PathLike, query_image: Any, hits: Sequence[A
         parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(key))}</th>" for key in summary) + "</tr><tr>"
                      + "".join(f"<td>{v:.4f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
                                for v in summary.values()) + "</tr></table>")
-    for n, (q, hs, gt) in enumerate(zip(queries, hit_lists, gts)):
+    for n, (q, hs, gt) in enumerate(zip(queries, hit_lists, gts, strict=True)):
         name = os.fspath(q) if isinstance(q, (str, os.PathLike)) else f"query {n}"
         strip = draw_results(q, hs, groundtruth_boxes=gt, k=k, **kwargs)
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='results' src='{_png_data_uri(strip)}'>")
@@ -169,7 +171,8 @@ def save_report_html(path: str | os.PathLike, query_image: Any, hits: Sequence[A
         for i, h in enumerate(list(hs)[:k]):
             g = _gt_for(gt, h, i)
             iou = f"{best_iou(h.box, g):.3f}" if g and h.box is not None else ""
-            rows.append(f"<tr><td>{int(getattr(h, 'rank', i)) + 1}</td><td>{float(h.score):.4f}</td><td>{html.escape(str(h.path))}</td>"
+            rows.append(f"<tr><td>{int(getattr(h, 'rank', i)) + 1}</td><td>{float(h.score):.4f}</td>"
+                        f"<td>{html.escape(str(h.path))}</td>"
                         f"<td>{html.escape(str(tuple(h.box)) if h.box is not None else '')}</td>"
                         f"<td>{html.escape(str(getattr(h, 'level', '')))}</td><td>{iou}</td></tr>")
         parts.append("<table>" + "".join(rows) + "</table>")

@@ -50,8 +50,8 @@ class RetrievalDataset:
 
     def groundtruth(self) -> list[QueryGroundTruth]:
         """Per query ground truth keyed by database index, for `metrics.evaluate_rankings`."""
-        return [QueryGroundTruth(frozenset(p), frozenset(j), {i: tuple(map(tuple, b)) for i, b in bx.items()})
-                for p, j, bx in zip(self.positives, self.junk, self.boxes)]
+        return [QueryGroundTruth(frozenset(p), frozenset(j), {i: tuple(b) for i, b in bx.items()})
+                for p, j, bx in zip(self.positives, self.junk, self.boxes, strict=True)]
 
     def index_of(self, path: str | os.PathLike) -> int:
         """Database index of a path as given to the engine (exact string or the same file resolved)."""

@@ -215,7 +215,7 @@ def build_composite_benchmark(out_dir: str | os.PathLike, n_objects: int = 50, p
 
     def make_query(o: int) -> dict[str, Any]:
         img, box = _make_query(obj_src[objects[o]["source"]], objects[o]["source_box"], _rng(seed, 3, o))
-        rec = {"file": f"queries/q{o:03d}.jpg", "object": o, "box": box}
+        rec: dict[str, Any] = {"file": f"queries/q{o:03d}.jpg", "object": o, "box": box}
         img.save(out / rec["file"], "JPEG", quality=JPEG_QUALITY)
         return rec
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import RetrievalDataset, list_images, read_xywh_boxes
+from .base import Box, RetrievalDataset, list_images, read_xywh_boxes
 
 
 def _bbox_file(image: Path) -> Path:
@@ -23,13 +23,18 @@ def load_ilias(root: str | Path, *, distractors: str | Path | None = None) -> Re
     objects = sorted(p for p in root.iterdir() if p.is_dir() and (p / "query").is_dir() and (p / "pos").is_dir())
     if not objects:
         raise FileNotFoundError(f"{root}: no <object>/query and <object>/pos folders (ILIAS core layout)")
-    database, queries, query_boxes, positives, boxes, names = [], [], [], [], [], []
+    database: list[Path] = []
+    queries: list[Path] = []
+    query_boxes: list[Box | None] = []
+    positives: list[list[int]] = []
+    boxes: list[dict[int, list[Box]]] = []
+    names: list[str] = []
     for obj in objects:
         pos = list_images(obj / "pos")
         first = len(database)
         database += pos
         members = list(range(first, len(database)))
-        obj_boxes = {i: b for i, p in zip(members, pos) if (b := read_xywh_boxes(_bbox_file(p)))}
+        obj_boxes = {i: b for i, p in zip(members, pos, strict=True) if (b := read_xywh_boxes(_bbox_file(p)))}
         for q in list_images(obj / "query"):
             qb = read_xywh_boxes(_bbox_file(q))
             queries.append(q)

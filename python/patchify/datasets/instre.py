@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .base import RetrievalDataset, list_images, read_xywh_boxes
+from .base import Box, RetrievalDataset, list_images, read_xywh_boxes
 
 SUBSETS = ("INSTRE-S1", "INSTRE-S2", "INSTRE-M")
 
@@ -29,8 +29,11 @@ def load_instre(root: str | Path, *, subsets: Sequence[str] = SUBSETS, queries_p
         raise FileNotFoundError(f"{root}: none of the INSTRE folders {list(subsets)}")
     if queries_per_class < 1:
         raise ValueError("queries_per_class must be >= 1")
-    database, queries, query_boxes, classes = [], [], [], []
-    db_boxes: list[list] = []
+    database: list[Path] = []
+    queries: list[Path] = []
+    query_boxes: list[Box | None] = []
+    classes: list[tuple[str, list[int]]] = []
+    db_boxes: list[list[Box]] = []
     for subset in present:
         for cls in sorted(p for p in (root / subset).iterdir() if p.is_dir()):
             images = list_images(cls)

@@ -28,7 +28,9 @@ def load_revisited(root: str | Path, name: str = "roxford5k", *, protocol: str =
     with open(gnd_file, "rb") as f:
         cfg = pickle.load(f)
     images = Path(images_dir) if images_dir is not None else root / "jpg"
-    positives, junk, query_boxes = [], [], []
+    positives: list[list[int]] = []
+    junk: list[list[int]] = []
+    query_boxes: list[tuple[float, float, float, float] | None] = []
     for g in cfg["gnd"]:
         easy, hard, jk = list(g.get("easy", [])), list(g.get("hard", [])), list(g.get("junk", []))
         if protocol == "easy":
@@ -40,7 +42,7 @@ def load_revisited(root: str | Path, name: str = "roxford5k", *, protocol: str =
         positives.append(sorted(int(i) for i in pos))
         junk.append(sorted(int(i) for i in jun))
         bbx = g.get("bbx")
-        query_boxes.append(tuple(float(v) for v in bbx) if bbx is not None else None)
+        query_boxes.append((float(bbx[0]), float(bbx[1]), float(bbx[2]), float(bbx[3])) if bbx is not None else None)
     return RetrievalDataset(name, root, [images / f"{n}{ext}" for n in cfg["imlist"]],
                             [images / f"{n}{ext}" for n in cfg["qimlist"]], positives, junk=junk,
                             query_boxes=query_boxes, info={"protocol": protocol})
