@@ -81,6 +81,46 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_dataset(args: argparse.Namespace):
+    from . import datasets
+
+    if args.format == "composite":
+        root = Path(args.dataset)
+        if not (root / "groundtruth.json").is_file():
+            if args.build is None:
+                raise FileNotFoundError(f"{root}: no composite benchmark here (no groundtruth.json); "
+                                        "pass --build N_OBJECTS,POSITIVES,DISTRACTORS to build one")
+            n_objects, positives, distractors = (int(v) for v in args.build.split(","))
+            print(f"building the composite benchmark in {root} ({n_objects} objects x {positives} positives, "
+                  f"{distractors} distractors, seed {args.seed})")
+            return datasets.build_composite_benchmark(root, n_objects=n_objects, positives_per_object=positives,
+                                                      n_distractors=distractors, seed=args.seed)
+        return datasets.load_composite(root)
+    if args.format == "instre":
+        return datasets.load_instre(args.dataset)
+    if args.format == "ilias":
+        return datasets.load_ilias(args.dataset)
+    return datasets.load_revisited(args.dataset, name=args.format, protocol=args.protocol)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_levels, write_outputs
+
+    dataset = _load_dataset(args)
+    levels = [int(v) for v in args.levels.split(",")]
+    indexes = [v for v in args.index.split(",") if v]
+    options = {"m": args.m, "nprobe": args.nprobe, "nlist": args.nlist}
+    run = evaluate_levels(dataset, backbone=args.backbone, levels=levels, indexes=indexes, index_options=options,
+                          embedding_cache=args.cache or True, num_threads=args.threads, progress=not args.quiet)
+    print(f"\n{dataset.name}: {len(dataset.database)} database images, {dataset.n_queries} queries; "
+          f"backbone {run.backbone} [{run.weights}]")
+    print(run.table())
+    written = write_outputs(run, args.out, dataset)
+    for what, path in written.items():
+        print(f"wrote {what}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchify", description="Patch-wise instance retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--show", type=Path, default=None, help="draw the top results with their boxes into a PNG")
     search.add_argument("--threads", type=int, default=0)
     search.set_defaults(func=cmd_search)
+
+    evaluate = sub.add_parser("eval", help="mAP, LocScore and R@1 per grid level on a benchmark")
+    evaluate.add_argument("dataset", help="benchmark folder")
+    evaluate.add_argument("--format", default="composite",
+                          choices=["composite", "instre", "ilias", "roxford5k", "rparis6k"])
+    evaluate.add_argument("--protocol", default="medium", choices=["easy", "medium", "hard"],
+                          help="revisited Oxford/Paris protocol")
+    evaluate.add_argument("--build", default=None, metavar="OBJECTS,POSITIVES,DISTRACTORS",
+                          help="build the composite benchmark first if the folder has none, e.g. 50,8,500")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--levels", default="0,1,2,3", help="comma-separated grid levels (default 0,1,2,3)")
+    evaluate.add_argument("--index", default="flat", help="comma-separated: flat, ivfpq, or faiss factory strings")
+    evaluate.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    evaluate.add_argument("--nlist", type=int, default=None)
+    evaluate.add_argument("--m", type=int, default=48)
+    evaluate.add_argument("--nprobe", type=int, default=16)
+    evaluate.add_argument("--threads", type=int, default=0)
+    evaluate.add_argument("--cache", default=None, help="embedding cache folder (default: the user cache)")
+    evaluate.add_argument("--out", type=Path, default=Path("eval_output"), help="folder for JSON and plots")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="describe a saved index")
     info.add_argument("index_dir", type=Path)
