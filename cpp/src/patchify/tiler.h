@@ -309,29 +309,52 @@ inline bool pillow_vertical_first(int in_w, int in_h, int out_w, int out_h) {
 
 namespace tiler_detail {
 
+// Fills the transposed block: pixel (y + r, x0 + x) of `src` goes to block[x * 48 + r * 3 ...], r < nr.
+// Works in tiles of 64 columns so that the 16 destination slots of each column stay in L1, and moves packed
+// pixels as 4-byte words: the extra byte lands in the next row's slot, which that row overwrites next (the last
+// row and each tile's last pixel are copied exactly, so nothing outside the pixel row is read or clobbered).
+inline void fill_block(const ImageView& src, int64_t y, int64_t x0, int nr, int width, uint8_t* block) {
+  constexpr int kRows = kLanes / 3, kTile = 64;
+  const bool packed = src.col_stride == 3 && src.channel_stride == 1;
+  for (int t0 = 0; t0 < width; t0 += kTile) {
+    const int tn = std::min(kTile, width - t0);
+    for (int r = 0; r < nr; ++r) {
+      uint8_t* d = block + static_cast<size_t>(t0) * kLanes + r * 3;
+      if (packed && r + 1 < kRows) {
+        const uint8_t* p = src.pixel(y + r, x0 + t0);
+        for (int x = 0; x + 1 < tn; ++x) {
+          uint32_t word;
+          std::memcpy(&word, p + 3 * x, 4);
+          std::memcpy(d + static_cast<size_t>(x) * kLanes, &word, 4);
+        }
+        copy_pixels(src, y + r, x0 + t0 + tn - 1, 1, d + static_cast<size_t>(tn - 1) * kLanes, kLanes);
+      } else {
+        copy_pixels(src, y + r, x0 + t0, tn, d, kLanes);
+      }
+    }
+  }
+}
+
 // Horizontal pass of rows [y_begin, y_begin + n_rows) x columns [x_begin, x_begin + width) of `src` into
-// dst (n_rows packed rows of out_w RGB pixels). Coefficient positions are relative to column x_begin - shift.
+// dst (n_rows rows of out_w RGB pixels, dst_stride >= out_w * 3 + 1 bytes apart: the spare byte lets each pixel
+// be stored as one 4-byte word). Coefficient positions are relative to column x_begin - shift.
 inline void horizontal_pass(const ImageView& src, int64_t y_begin, int64_t x_begin, int n_rows, int width,
-                            const Coefficients& co, int shift, int out_w, uint8_t* dst, TilerScratch& s) {
+                            const Coefficients& co, int shift, int out_w, uint8_t* dst, size_t dst_stride,
+                            TilerScratch& s) {
   constexpr int kRows = kLanes / 3;  // source rows per block
-  const size_t out_row = static_cast<size_t>(out_w) * 3;
   s.block.resize(static_cast<size_t>(width) * kLanes);
-  uint8_t out[kLanes];
+  uint8_t out[kLanes + 4];
   for (int r0 = 0; r0 < n_rows; r0 += kRows) {
     const int nr = std::min(kRows, n_rows - r0);
     // Transpose 16 source rows so that each source column is 48 contiguous bytes: the horizontal filter then
-    // becomes a weighted sum of contiguous vectors, like the vertical one.
-    if (nr < kRows) std::fill(s.block.begin(), s.block.end(), uint8_t{0});
-    for (int r = 0; r < nr; ++r) copy_pixels(src, y_begin + r0 + r, x_begin, width, s.block.data() + r * 3, kLanes);
+    // becomes a weighted sum of contiguous vectors, like the vertical one. (Slots of rows >= nr keep stale but
+    // initialised bytes; their results are discarded.)
+    fill_block(src, y_begin + r0, x_begin, nr, width, s.block.data());
     for (int xx = 0; xx < out_w; ++xx) {
       convolve_lanes(s.block.data() + static_cast<size_t>(co.first[xx] - shift) * kLanes, kLanes,
                      &co.weights[static_cast<size_t>(xx) * co.stride], co.count[xx], out);
-      for (int r = 0; r < nr; ++r) {
-        uint8_t* d = dst + static_cast<size_t>(r0 + r) * out_row + xx * 3;
-        d[0] = out[r * 3];
-        d[1] = out[r * 3 + 1];
-        d[2] = out[r * 3 + 2];
-      }
+      uint8_t* d = dst + static_cast<size_t>(r0) * dst_stride + xx * 3;
+      for (int r = 0; r < nr; ++r, d += dst_stride) std::memcpy(d, out + r * 3, 4);  // 4th byte: next pixel's
     }
   }
 }
@@ -354,6 +377,7 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
   using namespace tiler_detail;
   const int cw = static_cast<int>(x1 - x0), ch = static_cast<int>(y1 - y0);
   const size_t out_row = static_cast<size_t>(out_w) * 3;
+  const size_t padded_row = out_row + 1;  // rows written by horizontal_pass
   // Pillow skips a pass whose size is unchanged (its coefficients would be the identity anyway).
   const bool need_h = cw != out_w, need_v = ch != out_h;
   if (need_h) compute_coefficients(cw, out_w, interpolation, s.horizontal);
@@ -378,10 +402,10 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
     }
     s.first.resize(static_cast<size_t>(out_h) * col_bytes);
     vertical_pass(src, stride, col_bytes, s.vertical, 0, out_h, s.first.data());
-    s.second.resize(static_cast<size_t>(out_h) * out_row);
+    s.second.resize(static_cast<size_t>(out_h) * padded_row);
     horizontal_pass(ImageView::contiguous(s.first.data(), out_h, n_cols), 0, 0, out_h, n_cols, s.horizontal,
-                    col_first, out_w, s.second.data(), s);
-    for (int y = 0; y < out_h; ++y) emit(y, s.second.data() + static_cast<size_t>(y) * out_row);
+                    col_first, out_w, s.second.data(), padded_row, s);
+    for (int y = 0; y < out_h; ++y) emit(y, s.second.data() + static_cast<size_t>(y) * padded_row);
     return;
   }
 
@@ -394,10 +418,10 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
   const uint8_t* rows;
   ptrdiff_t stride;
   if (need_h) {
-    s.first.resize(static_cast<size_t>(n_rows) * out_row);
-    horizontal_pass(image, y0 + row_first, x0, n_rows, cw, s.horizontal, 0, out_w, s.first.data(), s);
+    s.first.resize(static_cast<size_t>(n_rows) * padded_row);
+    horizontal_pass(image, y0 + row_first, x0, n_rows, cw, s.horizontal, 0, out_w, s.first.data(), padded_row, s);
     rows = s.first.data();
-    stride = static_cast<ptrdiff_t>(out_row);
+    stride = static_cast<ptrdiff_t>(padded_row);
   } else if (packed) {  // cw == out_w: the crop rows are the input of the vertical pass
     rows = image.pixel(y0 + row_first, x0);
     stride = image.row_stride;
