@@ -26,11 +26,12 @@
 
 #include "patchify/parallel.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-// Run-time dispatch (ifunc): one binary, AVX2 integer multiplies where the CPU has them.
-#define PATCHIFY_TILER_CLONES __attribute__((target_clones("avx2", "default")))
+#if defined(__GNUC__) && defined(__x86_64__)
+// Run-time dispatch: one binary (baseline x86-64), AVX2 kernel where the CPU has it.
+#define PATCHIFY_TILER_X86 1
+#include <immintrin.h>
 #else
-#define PATCHIFY_TILER_CLONES
+#define PATCHIFY_TILER_X86 0
 #endif
 
 namespace patchify {
@@ -183,12 +184,11 @@ inline void compute_coefficients(int in_size, int out_size, Interpolation interp
 }
 
 // dst[j] = clip8(half + sum_k w[k] * src[k * stride + j]) for j < kLanes: one output position of the horizontal
-// pass for 16 RGB rows at once, or 48 bytes of one output row of the vertical pass. A fixed width keeps the 48
-// accumulators in vector registers across all taps.
+// pass for 16 RGB rows at once, or 48 bytes of one output row of the vertical pass. A fixed width lets the 48
+// accumulators live in registers across all taps.
 constexpr int kLanes = 48;
 
-PATCHIFY_TILER_CLONES
-static void convolve_lanes(const uint8_t* src, ptrdiff_t stride, const int32_t* w, int taps, uint8_t* dst) {
+static void convolve_lanes_generic(const uint8_t* src, ptrdiff_t stride, const int32_t* w, int taps, uint8_t* dst) {
   int32_t acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = kHalf;
   for (int k = 0; k < taps; ++k) {
@@ -198,6 +198,54 @@ static void convolve_lanes(const uint8_t* src, ptrdiff_t stride, const int32_t* 
   }
   // Pillow's clip8: arithmetic shift, then clamp to [0, 255].
   for (int j = 0; j < kLanes; ++j) dst[j] = static_cast<uint8_t>(std::min(255, std::max(0, acc[j] >> kPrecisionBits)));
+}
+
+#if PATCHIFY_TILER_X86
+// The same with AVX2 intrinsics: six 8-lane accumulators stay in registers (the auto-vectorised version spills
+// them every tap), and the saturating packs do the clip exactly (acc >> 22 is within [-640, 639]).
+#define PATCHIFY_AVX2 __attribute__((target("avx2"), always_inline)) static inline
+PATCHIFY_AVX2 __m256i widen_avx2(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+PATCHIFY_AVX2 __m256i pack16_avx2(__m256i x, __m256i y) {  // (x >> 22, y >> 22) as 16 int16, in order
+  return _mm256_permute4x64_epi64(
+      _mm256_packs_epi32(_mm256_srai_epi32(x, kPrecisionBits), _mm256_srai_epi32(y, kPrecisionBits)), 0xD8);
+}
+#undef PATCHIFY_AVX2
+
+__attribute__((target("avx2"))) static void convolve_lanes_avx2(const uint8_t* src, ptrdiff_t stride,
+                                                                 const int32_t* w, int taps, uint8_t* dst) {
+  const __m256i half = _mm256_set1_epi32(kHalf);
+  __m256i a0 = half, a1 = half, a2 = half, a3 = half, a4 = half, a5 = half;
+  for (int k = 0; k < taps; ++k) {
+    const uint8_t* s = src + k * stride;
+    const __m256i wk = _mm256_set1_epi32(w[k]);
+    a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(wk, widen_avx2(s)));
+    a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(wk, widen_avx2(s + 8)));
+    a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(wk, widen_avx2(s + 16)));
+    a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(wk, widen_avx2(s + 24)));
+    a4 = _mm256_add_epi32(a4, _mm256_mullo_epi32(wk, widen_avx2(s + 32)));
+    a5 = _mm256_add_epi32(a5, _mm256_mullo_epi32(wk, widen_avx2(s + 40)));
+  }
+  // int32 -> int16 -> uint8 with saturation; packs work per 128-bit lane, the permutes restore the order.
+  const __m256i p01 = pack16_avx2(a0, a1), p23 = pack16_avx2(a2, a3), p45 = pack16_avx2(a4, a5);
+  const __m256i b0 = _mm256_permute4x64_epi64(_mm256_packus_epi16(p01, p23), 0xD8);
+  const __m256i b1 = _mm256_permute4x64_epi64(_mm256_packus_epi16(p45, p45), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), b0);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_castsi256_si128(b1));
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+inline void convolve_lanes(const uint8_t* src, ptrdiff_t stride, const int32_t* w, int taps, uint8_t* dst) {
+#if PATCHIFY_TILER_X86
+  if (cpu_has_avx2()) return convolve_lanes_avx2(src, stride, w, taps, dst);
+#endif
+  convolve_lanes_generic(src, stride, w, taps, dst);
 }
 
 // Same for the n < kLanes tail of a row.
@@ -309,29 +357,52 @@ inline bool pillow_vertical_first(int in_w, int in_h, int out_w, int out_h) {
 
 namespace tiler_detail {
 
+// Fills the transposed block: pixel (y + r, x0 + x) of `src` goes to block[x * 48 + r * 3 ...], r < nr.
+// Works in tiles of 64 columns so that the 16 destination slots of each column stay in L1, and moves packed
+// pixels as 4-byte words: the extra byte lands in the next row's slot, which that row overwrites next (the last
+// row and each tile's last pixel are copied exactly, so nothing outside the pixel row is read or clobbered).
+inline void fill_block(const ImageView& src, int64_t y, int64_t x0, int nr, int width, uint8_t* block) {
+  constexpr int kRows = kLanes / 3, kTile = 64;
+  const bool packed = src.col_stride == 3 && src.channel_stride == 1;
+  for (int t0 = 0; t0 < width; t0 += kTile) {
+    const int tn = std::min(kTile, width - t0);
+    for (int r = 0; r < nr; ++r) {
+      uint8_t* d = block + static_cast<size_t>(t0) * kLanes + r * 3;
+      if (packed && r + 1 < kRows) {
+        const uint8_t* p = src.pixel(y + r, x0 + t0);
+        for (int x = 0; x + 1 < tn; ++x) {
+          uint32_t word;
+          std::memcpy(&word, p + 3 * x, 4);
+          std::memcpy(d + static_cast<size_t>(x) * kLanes, &word, 4);
+        }
+        copy_pixels(src, y + r, x0 + t0 + tn - 1, 1, d + static_cast<size_t>(tn - 1) * kLanes, kLanes);
+      } else {
+        copy_pixels(src, y + r, x0 + t0, tn, d, kLanes);
+      }
+    }
+  }
+}
+
 // Horizontal pass of rows [y_begin, y_begin + n_rows) x columns [x_begin, x_begin + width) of `src` into
-// dst (n_rows packed rows of out_w RGB pixels). Coefficient positions are relative to column x_begin - shift.
+// dst (n_rows rows of out_w RGB pixels, dst_stride >= out_w * 3 + 1 bytes apart: the spare byte lets each pixel
+// be stored as one 4-byte word). Coefficient positions are relative to column x_begin - shift.
 inline void horizontal_pass(const ImageView& src, int64_t y_begin, int64_t x_begin, int n_rows, int width,
-                            const Coefficients& co, int shift, int out_w, uint8_t* dst, TilerScratch& s) {
+                            const Coefficients& co, int shift, int out_w, uint8_t* dst, size_t dst_stride,
+                            TilerScratch& s) {
   constexpr int kRows = kLanes / 3;  // source rows per block
-  const size_t out_row = static_cast<size_t>(out_w) * 3;
   s.block.resize(static_cast<size_t>(width) * kLanes);
-  uint8_t out[kLanes];
+  uint8_t out[kLanes + 4];
   for (int r0 = 0; r0 < n_rows; r0 += kRows) {
     const int nr = std::min(kRows, n_rows - r0);
     // Transpose 16 source rows so that each source column is 48 contiguous bytes: the horizontal filter then
-    // becomes a weighted sum of contiguous vectors, like the vertical one.
-    if (nr < kRows) std::fill(s.block.begin(), s.block.end(), uint8_t{0});
-    for (int r = 0; r < nr; ++r) copy_pixels(src, y_begin + r0 + r, x_begin, width, s.block.data() + r * 3, kLanes);
+    // becomes a weighted sum of contiguous vectors, like the vertical one. (Slots of rows >= nr keep stale but
+    // initialised bytes; their results are discarded.)
+    fill_block(src, y_begin + r0, x_begin, nr, width, s.block.data());
     for (int xx = 0; xx < out_w; ++xx) {
       convolve_lanes(s.block.data() + static_cast<size_t>(co.first[xx] - shift) * kLanes, kLanes,
                      &co.weights[static_cast<size_t>(xx) * co.stride], co.count[xx], out);
-      for (int r = 0; r < nr; ++r) {
-        uint8_t* d = dst + static_cast<size_t>(r0 + r) * out_row + xx * 3;
-        d[0] = out[r * 3];
-        d[1] = out[r * 3 + 1];
-        d[2] = out[r * 3 + 2];
-      }
+      uint8_t* d = dst + static_cast<size_t>(r0) * dst_stride + xx * 3;
+      for (int r = 0; r < nr; ++r, d += dst_stride) std::memcpy(d, out + r * 3, 4);  // 4th byte: next pixel's
     }
   }
 }
@@ -354,6 +425,7 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
   using namespace tiler_detail;
   const int cw = static_cast<int>(x1 - x0), ch = static_cast<int>(y1 - y0);
   const size_t out_row = static_cast<size_t>(out_w) * 3;
+  const size_t padded_row = out_row + 1;  // rows written by horizontal_pass
   // Pillow skips a pass whose size is unchanged (its coefficients would be the identity anyway).
   const bool need_h = cw != out_w, need_v = ch != out_h;
   if (need_h) compute_coefficients(cw, out_w, interpolation, s.horizontal);
@@ -378,10 +450,10 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
     }
     s.first.resize(static_cast<size_t>(out_h) * col_bytes);
     vertical_pass(src, stride, col_bytes, s.vertical, 0, out_h, s.first.data());
-    s.second.resize(static_cast<size_t>(out_h) * out_row);
+    s.second.resize(static_cast<size_t>(out_h) * padded_row);
     horizontal_pass(ImageView::contiguous(s.first.data(), out_h, n_cols), 0, 0, out_h, n_cols, s.horizontal,
-                    col_first, out_w, s.second.data(), s);
-    for (int y = 0; y < out_h; ++y) emit(y, s.second.data() + static_cast<size_t>(y) * out_row);
+                    col_first, out_w, s.second.data(), padded_row, s);
+    for (int y = 0; y < out_h; ++y) emit(y, s.second.data() + static_cast<size_t>(y) * padded_row);
     return;
   }
 
@@ -394,10 +466,10 @@ void resample_crop(const ImageView& image, int64_t x0, int64_t y0, int64_t x1, i
   const uint8_t* rows;
   ptrdiff_t stride;
   if (need_h) {
-    s.first.resize(static_cast<size_t>(n_rows) * out_row);
-    horizontal_pass(image, y0 + row_first, x0, n_rows, cw, s.horizontal, 0, out_w, s.first.data(), s);
+    s.first.resize(static_cast<size_t>(n_rows) * padded_row);
+    horizontal_pass(image, y0 + row_first, x0, n_rows, cw, s.horizontal, 0, out_w, s.first.data(), padded_row, s);
     rows = s.first.data();
-    stride = static_cast<ptrdiff_t>(out_row);
+    stride = static_cast<ptrdiff_t>(padded_row);
   } else if (packed) {  // cw == out_w: the crop rows are the input of the vertical pass
     rows = image.pixel(y0 + row_first, x0);
     stride = image.row_stride;
