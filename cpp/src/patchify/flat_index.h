@@ -203,6 +203,28 @@ PATCHIFY_AVX2_TARGET inline void dot_rows_avx2(const float* queries, const T* ro
   for (; r < nr; ++r) dot_tile_avx2<Q, 1>(queries, rows + r * stride, stride, out + r, out_stride);
 }
 
+// One query against rows read strictly one after another: a single sequential memory stream, which the
+// hardware prefetchers follow best (batch-1 search is bound by memory bandwidth, not by FMAs). Eight
+// accumulators over the dimension hide the FMA latency.
+template <class T>
+PATCHIFY_AVX2_TARGET inline void dot_rows_sequential_avx2(const float* query, const T* rows, size_t nr,
+                                                          size_t stride, float* out) {
+  for (size_t r = 0; r < nr; ++r) {
+    const T* row = rows + r * stride;
+    __m256 acc[8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    size_t d = 0;
+    for (; d + 64 <= stride; d += 64)
+      for (int j = 0; j < 8; ++j)
+        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + d + 8 * j), load8(row + d + 8 * j), acc[j]);
+    for (int j = 0; d < stride; d += 8, ++j)
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), load8(row + d), acc[j]);
+    const __m256 s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    const __m256 s1 = _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]));
+    out[r] = hsum(_mm256_add_ps(s0, s1));
+  }
+}
+
 // Tile shapes keep 8-12 accumulators in flight (FMA latency x throughput) within the 16 ymm registers.
 template <class T>
 PATCHIFY_AVX2_TARGET void dot_block_avx2(const float* queries, size_t nq, const T* rows, size_t nr, size_t stride,
@@ -214,7 +236,10 @@ PATCHIFY_AVX2_TARGET void dot_block_avx2(const float* queries, size_t nq, const 
   switch (nq - q) {
     case 3: dot_rows_avx2<3, 3>(qs, rows, nr, stride, o, out_stride); break;
     case 2: dot_rows_avx2<2, 4>(qs, rows, nr, stride, o, out_stride); break;
-    case 1: dot_rows_avx2<1, 8>(qs, rows, nr, stride, o, out_stride); break;
+    case 1:
+      if (nq == 1) dot_rows_sequential_avx2(qs, rows, nr, stride, o);
+      else dot_rows_avx2<1, 8>(qs, rows, nr, stride, o, out_stride);
+      break;
     default: break;
   }
 }
