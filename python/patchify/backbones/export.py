@@ -38,6 +38,23 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
+def _require_cached(name: str) -> None:
+    """Fails fast, before timm spends seconds building a ViT-B, when the weights are not in the local hub cache."""
+    import timm.models
+    from huggingface_hub import snapshot_download
+
+    config = timm.models.get_pretrained_cfg(name)
+    repo = getattr(config, "hf_hub_id", None) if config is not None else None
+    if not repo:
+        return  # weights from a URL (torch hub cache): let timm decide
+    try:
+        snapshot_download(repo, local_files_only=True)
+    except Exception as error:
+        raise WeightsUnavailableError(no_weights_message(
+            f"timm {name!r}", f"timm's pretrained weights ({repo}) are not in the Hugging Face cache; pass "
+            "allow_download=True (or set PATCHIFY_ALLOW_DOWNLOAD=1) to download them")) from error
+
+
 def build_model(name: str, source: WeightsSource, img_size: int | None = None,
                 model_kwargs: dict[str, Any] | None = None, allow_download: bool = False) -> Any:
     """The timm model in eval mode with `source`'s weights loaded."""
@@ -48,6 +65,8 @@ def build_model(name: str, source: WeightsSource, img_size: int | None = None,
     if img_size is not None:
         kwargs["img_size"] = img_size
     if source.kind == "pretrained":
+        if not allow_download:
+            _require_cached(name)
         try:
             with _hub_offline(not allow_download):
                 model = timm.create_model(name, pretrained=True, **kwargs)

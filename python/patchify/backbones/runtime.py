@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +59,8 @@ class Backbone:
         self.preprocess = preprocess
         self.name = name
         self.weights = weights
-        self.identity = identity
+        # JSON round trip: the engine compares identities after saving them to a manifest (tuples become lists).
+        self.identity = json.loads(json.dumps(identity, sort_keys=True))
         self.path = path
         self._input = session.get_inputs()[0].name
         self._output = session.get_outputs()[0].name
@@ -108,8 +110,9 @@ class Backbone:
             weights = weights or f"ONNX file {path.name} (sha256 {digest[:16]})"
             identity = identity or {"model": name or path.stem, "weights": f"sha256:{digest}"}
         backbone = cls(session, preprocess, name=name or path.stem, weights=weights, identity=dict(identity), path=path)
-        backbone.identity.setdefault("preprocess", preprocess.to_dict())
-        backbone.identity.setdefault("dim", backbone.dim)
+        if "preprocess" not in backbone.identity or "dim" not in backbone.identity:
+            backbone.identity = json.loads(json.dumps(
+                {"preprocess": preprocess.to_dict(), "dim": backbone.dim, **backbone.identity}, sort_keys=True))
         return backbone
 
     @classmethod
