@@ -3,13 +3,14 @@
 //
 // The resize reproduces Pillow's `Image.crop(box).resize((s, s), BILINEAR | BICUBIC)` bit for bit (Pillow's
 // libImaging/Resample.c, 8-bit path): separable filter with its support scaled by the downscale factor
-// (antialiasing), double-precision coefficients rounded to 22-bit fixed point, horizontal pass first over only
-// the rows the vertical pass reads, uint8 rounding/clipping between the passes. Matching Pillow exactly means the
-// index built here and a query prepared by any Pillow-based pipeline see the same pixels.
+// (antialiasing), double-precision coefficients rounded to 22-bit fixed point, the first pass over only the
+// rows/columns the second pass reads, uint8 rounding/clipping between the passes, and Pillow 13's choice of which
+// pass runs first (see pillow_vertical_first). Matching Pillow exactly means the index built here and a query
+// prepared by any Pillow-based pipeline see the same pixels.
 //
 // Speed comes from layout, not from a different algorithm: both passes are turned into "weighted sum of
-// contiguous rows" (the horizontal pass on a 16-row transposed block), which the compiler vectorises; the hot
-// kernel is cloned for AVX2 where the toolchain supports function multi-versioning.
+// contiguous rows" (the horizontal pass on a 16-row transposed block), vectorised; the hot kernel has an AVX2
+// version picked at run time, so one baseline x86-64 binary still uses the wide units.
 #pragma once
 
 #include <algorithm>
