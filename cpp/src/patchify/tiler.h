@@ -585,9 +585,9 @@ inline std::vector<TiledPatch> tile_images(const std::vector<ImageView>& images,
   const size_t value_bytes = format.output == OutputType::float32 ? 4 : 2;
   // One task per worker, each pulling patches from a shared counter: scratch buffers live per worker, and
   // the dynamic hand-out balances whole-image patches against small grid cells.
-  const int workers = std::min<int>(resolve_num_threads(num_threads), static_cast<int>(std::min<size_t>(patches.size(), 1 << 20)));
+  const size_t workers = std::min<size_t>(static_cast<size_t>(resolve_num_threads(num_threads)), patches.size());
   std::atomic<size_t> next{0};
-  parallel_for(0, static_cast<size_t>(workers), workers, [&](size_t) {
+  parallel_for(0, workers, static_cast<int>(workers), [&](size_t) {
     TilerScratch scratch;
     for (size_t p = next.fetch_add(1); p < patches.size(); p = next.fetch_add(1)) {
       void* dst = static_cast<uint8_t*>(out) + p * patch_values * value_bytes;
