@@ -220,6 +220,15 @@ def test_bad_images_raise_value_error(bad, message):
         tile_images([random_image(10, 10), bad], (1,), Preprocess(input_size=8))
 
 
+def test_single_array_instead_of_list():
+    preprocess = Preprocess(input_size=8)
+    image = random_image(10, 12)
+    with pytest.raises(ValueError, match="wrap a single image in a list"):
+        tile_images(image, (1,), preprocess)
+    stacked = tile_images(np.stack([image, image]), (1,), preprocess)  # (N, H, W, 3) is a sequence of images
+    np.testing.assert_array_equal(stacked.pixels[0], stacked.pixels[1])
+
+
 def test_bad_out_raises_value_error():
     preprocess = Preprocess(input_size=8)
     images = [random_image(10, 10)]

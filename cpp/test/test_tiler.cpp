@@ -2,6 +2,7 @@
 // conversion, strided input and thread independence. (Bit-equality with Pillow itself is tested from Python.)
 #include "patchify/tiler.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -168,7 +169,26 @@ static void test_tile_images() {
   CHECK(named);
 }
 
+static void test_kernels_agree() {
+  // The AVX2 kernel (used when the CPU has it) and the portable one give identical bytes, clipping included.
+  std::mt19937 rng(3);
+  std::vector<uint8_t> src(20 * 64);
+  for (auto& v : src) v = static_cast<uint8_t>(rng() & 0xff);
+  for (int taps = 1; taps <= 20; ++taps) {
+    std::vector<int32_t> w(taps);
+    // Large and negative weights (beyond any real filter, so clipping both ways happens), bounded so that the
+    // int32 sums cannot overflow: |sum| <= 255 * 2^23.
+    const int32_t bound = (1 << 23) / taps;
+    for (auto& v : w) v = static_cast<int32_t>(rng() % (2u * bound)) - bound;
+    uint8_t a[tiler_detail::kLanes], b[tiler_detail::kLanes];
+    tiler_detail::convolve_lanes_generic(src.data(), 64, w.data(), taps, a);
+    tiler_detail::convolve_lanes(src.data(), 64, w.data(), taps, b);
+    CHECK(std::equal(a, a + tiler_detail::kLanes, b));
+  }
+}
+
 int main() {
+  test_kernels_agree();
   test_patch_boxes();
   test_resample_known_values();
   test_float16();

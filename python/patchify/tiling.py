@@ -90,6 +90,9 @@ def tile_images(images: Sequence[np.ndarray], grids: Sequence[int], preprocess: 
     NCHW batch. ``out`` (float32 or float16, C-contiguous, at least P patches) is filled in place when given;
     ``pixels`` is then its first P rows. Raises ValueError naming the image that is not a usable array or is
     smaller than the finest grid."""
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise ValueError(f"images must be a sequence of (H, W, 3) arrays or an (N, H, W, 3) array, got an array of "
+                         f"shape {images.shape}; wrap a single image in a list")
     images = list(images)
     grids = [int(g) for g in grids]
     size = int(preprocess.input_size)

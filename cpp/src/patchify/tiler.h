@@ -3,13 +3,14 @@
 //
 // The resize reproduces Pillow's `Image.crop(box).resize((s, s), BILINEAR | BICUBIC)` bit for bit (Pillow's
 // libImaging/Resample.c, 8-bit path): separable filter with its support scaled by the downscale factor
-// (antialiasing), double-precision coefficients rounded to 22-bit fixed point, horizontal pass first over only
-// the rows the vertical pass reads, uint8 rounding/clipping between the passes. Matching Pillow exactly means the
-// index built here and a query prepared by any Pillow-based pipeline see the same pixels.
+// (antialiasing), double-precision coefficients rounded to 22-bit fixed point, the first pass over only the
+// rows/columns the second pass reads, uint8 rounding/clipping between the passes, and Pillow 13's choice of which
+// pass runs first (see pillow_vertical_first). Matching Pillow exactly means the index built here and a query
+// prepared by any Pillow-based pipeline see the same pixels.
 //
 // Speed comes from layout, not from a different algorithm: both passes are turned into "weighted sum of
-// contiguous rows" (the horizontal pass on a 16-row transposed block), which the compiler vectorises; the hot
-// kernel is cloned for AVX2 where the toolchain supports function multi-versioning.
+// contiguous rows" (the horizontal pass on a 16-row transposed block), vectorised; the hot kernel has an AVX2
+// version picked at run time, so one baseline x86-64 binary still uses the wide units.
 #pragma once
 
 #include <algorithm>
@@ -584,9 +585,9 @@ inline std::vector<TiledPatch> tile_images(const std::vector<ImageView>& images,
   const size_t value_bytes = format.output == OutputType::float32 ? 4 : 2;
   // One task per worker, each pulling patches from a shared counter: scratch buffers live per worker, and
   // the dynamic hand-out balances whole-image patches against small grid cells.
-  const int workers = std::min<int>(resolve_num_threads(num_threads), static_cast<int>(std::min<size_t>(patches.size(), 1 << 20)));
+  const size_t workers = std::min<size_t>(static_cast<size_t>(resolve_num_threads(num_threads)), patches.size());
   std::atomic<size_t> next{0};
-  parallel_for(0, static_cast<size_t>(workers), workers, [&](size_t) {
+  parallel_for(0, workers, static_cast<int>(workers), [&](size_t) {
     TilerScratch scratch;
     for (size_t p = next.fetch_add(1); p < patches.size(); p = next.fetch_add(1)) {
       void* dst = static_cast<uint8_t*>(out) + p * patch_values * value_bytes;
