@@ -15,8 +15,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,6 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
-
     from patchify.backbones import BACKBONES, load_backbone
     from patchify.backbones.export import build_model
     from patchify.backbones.weights import resolve

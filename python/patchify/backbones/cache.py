@@ -34,6 +34,14 @@ def export_dir(model: str, weights_key: str, settings: dict[str, Any], cache_dir
     return cache_root(cache_dir) / "backbones" / f"{safe}-{key}"
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_complete(directory: Path) -> bool:
     return (directory / ONNX_FILE).is_file() and (directory / CONFIG_FILE).is_file()
 
