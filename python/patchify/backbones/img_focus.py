@@ -11,7 +11,6 @@ See DEVELOPERS.md for the full mapping.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import sha256_of
 from .errors import WeightsUnavailableError, no_weights_message
 
 MODEL_FILE = "models/vit_s_focus.onnx"
@@ -52,14 +52,6 @@ def locate() -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find() -> ImgFocusFile:
@@ -153,7 +145,7 @@ def timm_state_dict(path: Path, grid: int) -> dict[str, np.ndarray]:
         block_attn, kind = key.rsplit(".", 1)
         state[f"{block_attn}.qkv.{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
     table = torch.from_numpy(np.array(hf["embeddings.patch_pos"]))  # copy: onnx arrays are read-only
-    side = int(round(table.shape[1] ** 0.5))
+    side = round(table.shape[1] ** 0.5)
     table = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     if grid != side:
         table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)

