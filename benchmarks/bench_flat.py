@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
     bandwidth = measure_bandwidth(threads)
     print(f"memory bandwidth (numpy sum): {bandwidth['single_thread_gbs']:.1f} GB/s one thread, "
           f"{bandwidth['all_threads_gbs']:.1f} GB/s {threads} threads")
-    results: dict = {"config": {**vars(args), "threads": threads, "n_vectors": len(vectors),
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    results: dict = {"config": {**config, "threads": threads, "n_vectors": len(vectors),
                                 "machine": platform.machine(), "processor": platform.processor()},
                      "bandwidth": bandwidth, "dtypes": {}}
     for dtype in args.dtypes:
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         del index
         gc.collect()
         results["dtypes"][dtype] = entry
+        if args.json:  # after each dtype, so a long run that dies later still leaves its figures
+            args.json.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -203,7 +206,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     results = run(args)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
     return results
 

@@ -238,7 +238,7 @@ PATCHIFY_AVX2_TARGET void dot_block_avx2(const float* queries, size_t nq, const 
     case 2: dot_rows_avx2<2, 4>(qs, rows, nr, stride, o, out_stride); break;
     case 1:
       if (nq == 1) dot_rows_sequential_avx2(qs, rows, nr, stride, o);
-      else dot_rows_avx2<1, 8>(qs, rows, nr, stride, o, out_stride);
+      else dot_rows_avx2<1, 6>(qs, rows, nr, stride, o, out_stride);
       break;
     default: break;
   }
@@ -522,11 +522,11 @@ class FlatPatchIndex {
                                                 size_t run1, size_t k) const {
     std::vector<TopKCollector> top(nq, TopKCollector(k));
     // Rows per block: the block (and a tile of queries) stays in L1 while every query tile passes over it.
-    // Multiples of 24 rows keep every tile shape (3, 4 or 8 rows) full; batch-1 has no reuse, so it only needs
+    // Multiples of 12 rows keep every tile shape (3, 4 or 6 rows) full; batch-1 has no reuse, so it only needs
     // blocks big enough to amortise the fold.
     const size_t row_bytes = stride_ * sizeof(T);
     const size_t budget = nq <= 2 ? 65536 : 20480;
-    const size_t block = std::max<size_t>(1, std::min<size_t>(256, budget / row_bytes / 24)) * 24;
+    const size_t block = std::max<size_t>(1, std::min<size_t>(512, budget / row_bytes / 12)) * 12;
     std::vector<float> dots(nq * block);
     std::vector<float> scratch;
     const float neg_inf = -std::numeric_limits<float>::infinity();
