@@ -365,7 +365,9 @@ class FlatPatchIndex {
     parallel_for(0, partial.size(), num_threads, [&](size_t item) {
       const size_t qb = item / n_chunks, c = item % n_chunks;
       const size_t q0 = qb * q_block, q1 = std::min(nq, q0 + q_block);
-      partial[item] = scan(padded.data() + q0 * stride_, q1 - q0, chunk_runs[c], chunk_runs[c + 1], k);
+      // No chunk can contribute more than its images: keeps a huge k from reserving huge heaps.
+      const size_t chunk_k = std::min(k, chunk_runs[c + 1] - chunk_runs[c]);
+      partial[item] = scan(padded.data() + q0 * stride_, q1 - q0, chunk_runs[c], chunk_runs[c + 1], chunk_k);
     });
     parallel_for(0, nq, num_threads, [&](size_t q) {
       const size_t qb = q / q_block;
@@ -428,7 +430,9 @@ class FlatPatchIndex {
     if (float16_) f16_.resize((old_rows + n) * stride_, 0); else f32_.resize((old_rows + n) * stride_, 0.0f);
     for (size_t i = 0; i < n; ++i) {
       store_row(old_rows + i, vectors + i * dim_);
-      if (i == 0 || image_ids[i] != image_ids[i - 1]) {
+      if (i == 0 && !run_image_.empty() && run_image_.back() == image_ids[0]) {
+        // This batch continues the last stored image: extend its run (set just below), no regrouping.
+      } else if (i == 0 || image_ids[i] != image_ids[i - 1]) {
         const auto found = image_run_.find(image_ids[i]);
         if (found != image_run_.end()) {
           regroup = true;  // image already stored (earlier batch, or earlier in this batch)
