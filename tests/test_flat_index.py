@@ -255,3 +255,19 @@ def test_large_batch_threads_agree():
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
     _assert_same(results[0], numpy_reference_search(vectors, image_ids, queries, 7, patch_ids=patch_ids))
+
+
+def test_image_continued_across_calls_and_huge_k():
+    rng = np.random.default_rng(9)
+    vectors = _unit(rng, 10, 12)
+    image_ids = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 3])
+    whole = FlatIndex(12)
+    whole.add(vectors, np.arange(10), image_ids)
+    pieces = FlatIndex(12)
+    for lo, hi in ((0, 3), (3, 5), (5, 10)):  # image 1 spans all three calls
+        pieces.add(vectors[lo:hi], np.arange(lo, hi), image_ids[lo:hi])
+    assert pieces.n_images == 4
+    for a, b in zip(whole.search(vectors[:3], 4), pieces.search(vectors[:3], 4)):
+        np.testing.assert_array_equal(a, b)
+    scores, images, _ = pieces.search(vectors[:1], 100_000)  # k far beyond the images: padded, no blow-up
+    assert (images[0, 4:] == -1).all() and sorted(images[0, :4].tolist()) == [0, 1, 2, 3]

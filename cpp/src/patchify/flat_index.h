@@ -238,7 +238,7 @@ PATCHIFY_AVX2_TARGET void dot_block_avx2(const float* queries, size_t nq, const 
     case 2: dot_rows_avx2<2, 4>(qs, rows, nr, stride, o, out_stride); break;
     case 1:
       if (nq == 1) dot_rows_sequential_avx2(qs, rows, nr, stride, o);
-      else dot_rows_avx2<1, 8>(qs, rows, nr, stride, o, out_stride);
+      else dot_rows_avx2<1, 6>(qs, rows, nr, stride, o, out_stride);
       break;
     default: break;
   }
@@ -365,7 +365,9 @@ class FlatPatchIndex {
     parallel_for(0, partial.size(), num_threads, [&](size_t item) {
       const size_t qb = item / n_chunks, c = item % n_chunks;
       const size_t q0 = qb * q_block, q1 = std::min(nq, q0 + q_block);
-      partial[item] = scan(padded.data() + q0 * stride_, q1 - q0, chunk_runs[c], chunk_runs[c + 1], k);
+      // No chunk can contribute more than its images: keeps a huge k from reserving huge heaps.
+      const size_t chunk_k = std::min(k, chunk_runs[c + 1] - chunk_runs[c]);
+      partial[item] = scan(padded.data() + q0 * stride_, q1 - q0, chunk_runs[c], chunk_runs[c + 1], chunk_k);
     });
     parallel_for(0, nq, num_threads, [&](size_t q) {
       const size_t qb = q / q_block;
@@ -428,7 +430,9 @@ class FlatPatchIndex {
     if (float16_) f16_.resize((old_rows + n) * stride_, 0); else f32_.resize((old_rows + n) * stride_, 0.0f);
     for (size_t i = 0; i < n; ++i) {
       store_row(old_rows + i, vectors + i * dim_);
-      if (i == 0 || image_ids[i] != image_ids[i - 1]) {
+      if (i == 0 && !run_image_.empty() && run_image_.back() == image_ids[0]) {
+        // This batch continues the last stored image: extend its run (set just below), no regrouping.
+      } else if (i == 0 || image_ids[i] != image_ids[i - 1]) {
         const auto found = image_run_.find(image_ids[i]);
         if (found != image_run_.end()) {
           regroup = true;  // image already stored (earlier batch, or earlier in this batch)
@@ -522,11 +526,11 @@ class FlatPatchIndex {
                                                 size_t run1, size_t k) const {
     std::vector<TopKCollector> top(nq, TopKCollector(k));
     // Rows per block: the block (and a tile of queries) stays in L1 while every query tile passes over it.
-    // Multiples of 24 rows keep every tile shape (3, 4 or 8 rows) full; batch-1 has no reuse, so it only needs
+    // Multiples of 12 rows keep every tile shape (3, 4 or 6 rows) full; batch-1 has no reuse, so it only needs
     // blocks big enough to amortise the fold.
     const size_t row_bytes = stride_ * sizeof(T);
     const size_t budget = nq <= 2 ? 65536 : 20480;
-    const size_t block = std::max<size_t>(1, std::min<size_t>(256, budget / row_bytes / 24)) * 24;
+    const size_t block = std::max<size_t>(1, std::min<size_t>(512, budget / row_bytes / 12)) * 12;
     std::vector<float> dots(nq * block);
     std::vector<float> scratch;
     const float neg_inf = -std::numeric_limits<float>::infinity();
