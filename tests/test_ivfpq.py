@@ -33,18 +33,26 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def trained_faiss(data):  # training is the slow part: do it once, copy the trained index per test
+def trained_faiss(data):
+    """A trained IndexIVFPQ shared by the tests (copied per test). faiss's PQ k-means is the slow part, so it runs
+    only a few iterations here: codebook quality is irrelevant to the equality checks. IVFPQIndex.train itself
+    is exercised (with small codebooks) in test_training_size_checks_and_auto_nlist."""
+    import faiss
+
     x, _ = data
-    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2)
-    index.train(x)
-    return index
+    ivf = faiss.index_factory(DIM, f"IVF{NLIST},PQ{M}x8", faiss.METRIC_INNER_PRODUCT)
+    ivf.do_polysemous_training = False  # as IVFPQIndex.train does
+    ivf.cp.niter = 4
+    ivf.pq.cp.niter = 4
+    ivf.train(x)
+    return ivf
 
 
-def fresh(trained: IVFPQIndex) -> IVFPQIndex:
+def fresh(trained) -> IVFPQIndex:
     import faiss
 
     index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2)
-    index._index = faiss.clone_index(trained.faiss_index)
+    index._index = faiss.clone_index(trained)
     index._build_scanner()
     return index
 
@@ -200,10 +208,10 @@ def test_training_size_checks_and_auto_nlist(data):
     with pytest.raises(ValueError, match=r"at least 39000 vectors"):
         IVFPQIndex(DIM, nlist=1000, m=M).train(x)
     assert auto_nlist(10_000) == 256 and auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2
-    index = IVFPQIndex(DIM, nlist=None, m=M, nbits=6)  # 64 PQ centroids: 39 * 64 = 2496 vectors suffice
-    index.train(x[:3000])
-    assert index.nlist == auto_nlist(3000) == 76
-    index.add(x[:3000], np.arange(3000), np.arange(3000) // 7)
+    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=4)  # 16 PQ centroids: 39 * 16 = 624 vectors suffice
+    index.train(x[:3003])
+    assert index.nlist == auto_nlist(3003) == 77  # capped: 3003 // 39
+    index.add(x[:3003], np.arange(3003), np.arange(3003) // 7)
     assert_matches_faiss(index, queries(3))  # bit-packed 6-bit codes go through the generic decoder
 
 

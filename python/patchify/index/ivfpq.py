@@ -112,6 +112,9 @@ class IVFPQIndex:
         nlist = self.nlist or auto_nlist(len(x))
         # The factory gives an IndexIVFPQ that owns its flat inner-product quantiser; by_residual is the default.
         index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{self.m}x{self.nbits}", faiss.METRIC_INNER_PRODUCT)
+        # Polysemous training (re-ordering PQ centroids so that Hamming distance on codes mimics the true distance)
+        # only serves faiss's polysemous filtering, which we never use, and costs minutes at 8 bits.
+        index.do_polysemous_training = False
         index.train(x)
         self._index = index
         self.nlist = nlist
