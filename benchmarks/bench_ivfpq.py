@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--train-iterations", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder to save the trained, filled index in (and reuse it on later runs)")
     args = ap.parse_args()
 
     import faiss
@@ -111,17 +113,29 @@ def main() -> None:
     patch_image = np.repeat(np.arange(args.images, dtype=np.int64), args.patches_per_image)
     t_gen = time.perf_counter() - t0
 
-    index = IVFPQIndex(args.dim, nlist=nlist, m=args.m, nbits=8, nprobe=args.nprobe, num_threads=threads,
-                       train_iterations=args.train_iterations)
-    n_train = min(n_patches, max(index.min_training_vectors(), 64 * nlist))
-    t0 = time.perf_counter()
-    index.train(select_training_vectors("all", x, patch_image, max_vectors=n_train, seed=args.seed))
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for start in range(0, n_patches, 500_000):
-        stop = min(n_patches, start + 500_000)
-        index.add(x[start:stop], np.arange(start, stop), patch_image[start:stop])
-    t_add = time.perf_counter() - t0
+    cache = args.cache / f"ivfpq_{args.images}x{args.patches_per_image}_d{args.dim}_nl{nlist}_m{args.m}_s{args.seed}" \
+        if args.cache else None
+    t_train = t_add = float("nan")
+    n_train = 0
+    if cache is not None and (cache / "ivfpq_meta.json").exists():
+        index = IVFPQIndex.load(cache, num_threads=threads)
+        index.nprobe = args.nprobe
+        print(f"loaded the trained, filled index from {cache}", flush=True)
+    else:
+        index = IVFPQIndex(args.dim, nlist=nlist, m=args.m, nbits=8, nprobe=args.nprobe, num_threads=threads,
+                           train_iterations=args.train_iterations)
+        # faiss's minimum (39 points per centroid), a little more: k-means time grows with it.
+        n_train = min(n_patches, max(index.min_training_vectors(), 40 * nlist))
+        t0 = time.perf_counter()
+        index.train(select_training_vectors("all", x, patch_image, max_vectors=n_train, seed=args.seed))
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for start in range(0, n_patches, 500_000):
+            stop = min(n_patches, start + 500_000)
+            index.add(x[start:stop], np.arange(start, stop), patch_image[start:stop])
+        t_add = time.perf_counter() - t0
+        if cache is not None:
+            index.save(cache)
     print(f"generate {t_gen:.1f}s, train {t_train:.1f}s on {n_train}, add {t_add:.1f}s", flush=True)
     q = make_queries(x, max(args.queries, args.batch * args.batches), args.seed)
     del x  # keep only what an IVFPQ deployment keeps

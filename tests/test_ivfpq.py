@@ -48,10 +48,10 @@ def trained_faiss(data):
     return ivf
 
 
-def fresh(trained) -> IVFPQIndex:
+def fresh(trained, coarse: str = "native") -> IVFPQIndex:
     import faiss
 
-    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2)
+    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2, coarse=coarse)
     index._index = faiss.clone_index(trained)
     index._build_scanner()
     return index
@@ -107,14 +107,33 @@ def assert_matches_faiss(index: IVFPQIndex, q: np.ndarray, k: int = 10) -> None:
         assert np.all(imgs[qi, n:] == -1) and np.all(np.isneginf(s[qi, n:]))
 
 
+@pytest.mark.parametrize("coarse", ["native", "faiss"])
 @pytest.mark.parametrize("nprobe", [1, 4, NLIST])
-def test_scores_and_ranking_equal_faiss(trained_faiss, data, nprobe):
-    index = fresh(trained_faiss)
+def test_scores_and_ranking_equal_faiss(trained_faiss, data, nprobe, coarse):
+    index = fresh(trained_faiss, coarse)
     x, images = data
     index.add(x, np.arange(len(x)), images)
     index.nprobe = nprobe
     assert_matches_faiss(index, queries())
     assert isinstance(index, PatchIndex)
+
+
+def test_native_coarse_search_probes_what_faiss_probes(trained_faiss, data):
+    index = fresh(trained_faiss)
+    x, images = data
+    index.add(x, np.arange(len(x)), images)
+    q = queries(30)
+    for nprobe in (1, 5, NLIST + 3):  # more than nlist pads with -1, like faiss
+        index.nprobe = nprobe
+        faiss_probes = index.probe(q)
+        for qi in range(len(q)):
+            np.testing.assert_array_equal(index._scanner.coarse_probe(q[qi], nprobe)[: faiss_probes.shape[1]],
+                                          faiss_probes[qi])
+    index.nprobe = 4
+    native = index.search(q, 10)
+    index.coarse = "faiss"
+    for a, b in zip(native, index.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_threads_agree_and_single_query(trained_faiss, data):

@@ -111,7 +111,37 @@ PYBIND11_MODULE(_core, m) {
             return py::make_tuple(scores, images, patches);
           },
           py::arg("queries"), py::arg("probes"), py::arg("k"), py::arg("num_threads") = 0,
-          "Top-k images per query: (scores, image_ids, patch_ids), each (nq, k), padded with -inf / -1.");
+          "Top-k images per query: (scores, image_ids, patch_ids), each (nq, k), padded with -inf / -1.")
+      .def(
+          "search_native",
+          [](PyIVFPQScanner& self, F32C queries, size_t nprobe, size_t k, int num_threads) {
+            if (queries.ndim() != 2 || static_cast<size_t>(queries.shape(1)) != self.core->dim())
+              throw std::invalid_argument("queries must be (nq, " + std::to_string(self.core->dim()) + ") float32");
+            if (nprobe < 1) throw std::invalid_argument("nprobe must be >= 1");
+            const size_t nq = queries.shape(0);
+            py::array_t<float> scores({nq, k});
+            py::array_t<int64_t> images({nq, k});
+            py::array_t<int64_t> patches({nq, k});
+            {
+              py::gil_scoped_release release;
+              self.core->search(queries.data(), nq, nullptr, nprobe, k, num_threads, scores.mutable_data(),
+                                images.mutable_data(), patches.mutable_data());
+            }
+            return py::make_tuple(scores, images, patches);
+          },
+          py::arg("queries"), py::arg("nprobe"), py::arg("k"), py::arg("num_threads") = 0,
+          "As search, with the coarse search (top-nprobe centroids by inner product) done in C++ too.")
+      .def(
+          "coarse_probe",
+          [](PyIVFPQScanner& self, F32C query, size_t nprobe) {
+            if (query.ndim() != 1 || static_cast<size_t>(query.shape(0)) != self.core->dim())
+              throw std::invalid_argument("query must be a 1-D float32 vector of the index dimension");
+            std::vector<float> scratch(self.core->nlist());
+            py::array_t<int64_t> probes(nprobe);
+            self.core->coarse_probe(query.data(), nprobe, scratch.data(), probes.mutable_data());
+            return probes;
+          },
+          py::arg("query"), py::arg("nprobe"), "The native coarse search's probed lists for one query.");
   m.def(
       "ivfpq_patch_scores",
       [](PyIVFPQScanner& self, F32C query, I64C probes) {

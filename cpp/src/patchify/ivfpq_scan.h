@@ -81,6 +81,35 @@ inline float dot(const float* a, const float* b, size_t d) {
   return s;
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// One binary for any x86-64, AVX2/FMA code paths picked at load time (the default build targets baseline SSE2).
+#define PATCHIFY_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define PATCHIFY_MULTIVERSION
+#endif
+
+// scores[j] = <q, centroids[j]> for n centroids: the native coarse search's dot products.
+PATCHIFY_MULTIVERSION inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, float* scores) {
+  for (size_t j = 0; j < n; ++j) scores[j] = dot(q, rows + j * d, d);
+}
+
+// The M x ksub ADC table from codebooks stored M x dsub x ksub: the inner loop runs over the ksub centroids
+// (independent outputs), so it vectorises without reordering any sum.
+PATCHIFY_MULTIVERSION inline void adc_table(const float* query, const float* pq_t, size_t M, size_t dsub,
+                                            size_t ksub, float* table) {
+  for (size_t m = 0; m < M; ++m) {
+    const float* qm = query + m * dsub;
+    float* out = table + m * ksub;
+    const float* col = pq_t + m * dsub * ksub;
+    for (size_t c = 0; c < ksub; ++c) out[c] = qm[0] * col[c];
+    for (size_t i = 1; i < dsub; ++i) {
+      const float qi = qm[i];
+      const float* row = col + i * ksub;
+      for (size_t c = 0; c < ksub; ++c) out[c] += qi * row[c];
+    }
+  }
+}
+
 // Per-worker scratch: a dense "best so far" per image. Dense (not a hash map) because a probe touches thousands
 // of patches and a hash map's probing costs more than a cache miss on a flat array; only touched entries are
 // reset after each query, so reuse is O(touched), not O(num_images).
@@ -144,18 +173,22 @@ class IVFPQScanner {
 
   // The M x ksub ADC table of one query: table[m * ksub + c] = <q_m, pq_centroid[m][c]>.
   void compute_table(const float* query, float* table) const {
-    const size_t ksub = ksub_;
-    for (size_t m = 0; m < M_; ++m) {
-      const float* qm = query + m * dsub_;
-      float* out = table + m * ksub;
-      const float* col = pq_t_.data() + m * dsub_ * ksub;
-      for (size_t c = 0; c < ksub; ++c) out[c] = qm[0] * col[c];
-      for (size_t i = 1; i < dsub_; ++i) {
-        const float qi = qm[i];
-        const float* row = col + i * ksub;
-        for (size_t c = 0; c < ksub; ++c) out[c] += qi * row[c];
-      }
-    }
+    detail::adc_table(query, pq_t_.data(), M_, dsub_, ksub_, table);
+  }
+
+  // Native coarse search: the nprobe lists whose centroids have the largest inner product with the query
+  // (ties -> smaller list id). Same ranking as faiss's IndexFlatIP up to float rounding, so a near-tie at the
+  // nprobe boundary may pick a different (equally close) list; pass faiss's probes where exact parity matters.
+  void coarse_probe(const float* query, size_t nprobe, float* scores_scratch, int64_t* probes) const {
+    detail::dots_to_rows(query, coarse_.data(), nlist_, dim_, scores_scratch);
+    const size_t n = std::min(nprobe, nlist_);
+    std::vector<int64_t> order(nlist_);
+    for (size_t j = 0; j < nlist_; ++j) order[j] = static_cast<int64_t>(j);
+    auto better_list = [&](int64_t a, int64_t b) {
+      return scores_scratch[a] > scores_scratch[b] || (scores_scratch[a] == scores_scratch[b] && a < b);
+    };
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(n), order.end(), better_list);
+    for (size_t j = 0; j < nprobe; ++j) probes[j] = j < n ? order[j] : -1;
   }
 
   // Calls visit(patch_id, score) for every code in the probed lists (probe ids < 0 are skipped, like faiss's
@@ -177,7 +210,8 @@ class IVFPQScanner {
     }
   }
 
-  // Top-k images per query. queries: nq x dim, probes: nq x nprobe (from the coarse quantiser), outputs nq x k.
+  // Top-k images per query. queries: nq x dim; probes: nq x nprobe list ids from faiss's coarse quantiser, or
+  // nullptr to run the native coarse search (one call, no Python in between); outputs nq x k.
   void search(const float* queries, size_t nq, const int64_t* probes, size_t nprobe, size_t k, int num_threads,
               float* out_scores, int64_t* out_images, int64_t* out_patches) const {
     if (map_ == nullptr && map_size_ > 0) throw std::runtime_error("IVFPQScanner: image map not set");
@@ -187,12 +221,19 @@ class IVFPQScanner {
       s.best.ensure(num_images_);
       s.table.resize(M_ * ksub_);
       const float* q = queries + qi * dim_;
+      const int64_t* query_probes = probes ? probes + qi * nprobe : nullptr;
+      if (!query_probes) {
+        s.coarse.resize(nlist_);
+        s.probes.resize(nprobe);
+        coarse_probe(q, nprobe, s.coarse.data(), s.probes.data());
+        query_probes = s.probes.data();
+      }
       compute_table(q, s.table.data());
       float* best = s.best.score.data();
       int64_t* best_patch = s.best.patch.data();
       std::vector<int32_t>& touched = s.best.touched;
       touched.clear();
-      scan(q, probes + qi * nprobe, nprobe, s.table.data(), [&](int64_t pid, float score) {
+      scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, float score) {
         if (pid < 0 || static_cast<size_t>(pid) >= map_size_) return;
         const int32_t img = map_[pid];
         if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
@@ -234,6 +275,8 @@ class IVFPQScanner {
   struct Scratch {
     detail::ImageBest best;
     std::vector<float> table;
+    std::vector<float> coarse;
+    std::vector<int64_t> probes;
   };
 
   // Scratch buffers are pooled on the scanner so that repeated searches do not reallocate the dense per-image

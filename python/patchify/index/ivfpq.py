@@ -60,7 +60,8 @@ class IVFPQIndex:
     kind = "ivfpq"
 
     def __init__(self, dim: int, nlist: int | None = None, m: int = 48, nbits: int = 8, nprobe: int = 16,
-                 num_threads: int = 0, *, factory: str | None = None, train_iterations: int | None = None) -> None:
+                 num_threads: int = 0, *, factory: str | None = None, train_iterations: int | None = None,
+                 coarse: str = "native") -> None:
         if factory is not None:
             match = _FACTORY.match(factory.replace(" ", ""))
             if not match:
@@ -73,6 +74,8 @@ class IVFPQIndex:
             raise ValueError(f"m (PQ sub-quantisers, {m}) must divide the dimension {dim}")
         if not 1 <= nbits <= 16:
             raise ValueError(f"nbits must be in [1, 16], got {nbits}")
+        if coarse not in ("native", "faiss"):
+            raise ValueError(f"coarse must be 'native' or 'faiss', got {coarse!r}")
         if nlist is not None and nlist < 1:
             raise ValueError(f"nlist must be >= 1 or None (automatic), got {nlist}")
         self.dim = int(dim)
@@ -84,6 +87,10 @@ class IVFPQIndex:
         # k-means iterations for the coarse quantiser and the PQ codebooks (None: faiss's default, 25). Fewer
         # iterations train much faster at a small cost in recall - benchmarks use that on large collections.
         self.train_iterations = train_iterations
+        # Coarse search (which lists to probe): "native" runs it inside the same GIL-free C++ call as the scan;
+        # "faiss" asks faiss's quantiser from Python (bit-exact faiss probes, one more Python round trip). They
+        # differ only when two centroids tie to float rounding at the nprobe boundary.
+        self.coarse = coarse
         self._index: Any = None  # faiss.IndexIVFPQ once trained
         self._map = np.zeros(0, np.int32)  # patch id -> image id, -1 = absent
         self._num_images = 0  # max image id + 1 ever added (sizes the scanner's dense per-image scratch)
@@ -176,12 +183,16 @@ class IVFPQIndex:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64),
                     np.full((len(q), k), -1, np.int64))
         scanner = self._ready_scanner()
+        if self.coarse == "native":
+            return scanner.search_native(q, self._nprobe(), int(k), self.num_threads)
         return scanner.search(q, self.probe(q), int(k), self.num_threads)
+
+    def _nprobe(self) -> int:
+        return max(1, min(int(self.nprobe), int(self._index.nlist)))
 
     def probe(self, queries: np.ndarray) -> np.ndarray:
         """The inverted lists faiss itself would visit: the quantiser's top-nprobe lists per query (nq, nprobe)."""
-        nprobe = max(1, min(int(self.nprobe), int(self._index.nlist)))
-        _, lists = self._index.quantizer.search(queries, nprobe)
+        _, lists = self._index.quantizer.search(queries, self._nprobe())
         return lists
 
     def patch_scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
