@@ -89,8 +89,18 @@ inline float dot(const float* a, const float* b, size_t d) {
 #endif
 
 // scores[j] = <q, centroids[j]> for n centroids: the native coarse search's dot products.
+// (dot() is spelled out rather than called: a call would run the baseline clone of dot.)
 PATCHIFY_MULTIVERSION inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, float* scores) {
-  for (size_t j = 0; j < n; ++j) scores[j] = dot(q, rows + j * d, d);
+  for (size_t j = 0; j < n; ++j) {
+    const float* b = rows + j * d;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8)
+      for (size_t t = 0; t < 8; ++t) acc[t] += q[i + t] * b[i + t];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < d; ++i) s += q[i] * b[i];
+    scores[j] = s;
+  }
 }
 
 // The M x ksub ADC table from codebooks stored M x dsub x ksub: the inner loop runs over the ksub centroids
