@@ -217,7 +217,8 @@ def test_nbytes_counts_codes_ids_and_map(trained_faiss, data):
     index = fresh(trained_faiss)
     x, images = data
     index.add(x, np.arange(len(x)), images)
-    assert index.nbytes() == len(x) * (M + 8) + len(x) * 4  # 8-bit codes: M bytes, int64 id, int32 map entry
+    # 8-bit codes: M bytes, int64 id, int32 map entry by patch id and again in list order
+    assert index.nbytes() == len(x) * (M + 8) + len(x) * 4 + len(x) * 4
 
 
 def test_training_size_checks_and_auto_nlist(data):

@@ -44,8 +44,10 @@ struct PyIVFPQScanner {
     core = std::make_unique<patchify::IVFPQScanner>(dim, nlist, M, nbits, coarse.data(), pq.data());
   }
 
-  void set_lists(const std::vector<py::array>& codes, const std::vector<py::array>& ids) {
-    if (codes.size() != core->nlist() || ids.size() != core->nlist())
+  void set_lists(const std::vector<py::array>& codes, const std::vector<py::array>& ids,
+                 const std::vector<py::array>& images) {
+    if (codes.size() != core->nlist() || ids.size() != core->nlist() ||
+        (!images.empty() && images.size() != core->nlist()))
       throw std::invalid_argument("set_lists: need one codes and one ids array per inverted list");
     std::vector<py::object> refs;
     refs.reserve(2 * codes.size());
@@ -57,7 +59,15 @@ struct PyIVFPQScanner {
       if (static_cast<size_t>(c.size()) != n * core->code_size())
         throw std::invalid_argument("set_lists: list " + std::to_string(l) + " has " + std::to_string(c.size()) +
                                     " code bytes for " + std::to_string(n) + " ids");
-      core->set_list(l, c.data(), i.data(), n);
+      const int32_t* img_ptr = nullptr;
+      if (!images.empty()) {
+        auto im = py::array_t<int32_t, py::array::c_style>::ensure(images[l]);
+        if (!im || static_cast<size_t>(im.size()) != n)
+          throw std::invalid_argument("set_lists: images must be int32 arrays as long as the ids");
+        img_ptr = im.data();
+        refs.push_back(im);
+      }
+      core->set_list(l, c.data(), i.data(), n, img_ptr);
       refs.push_back(c);
       refs.push_back(i);
     }
@@ -92,7 +102,9 @@ PYBIND11_MODULE(_core, m) {
                              "(inner product, by_residual). Built by patchify.index.ivfpq.")
       .def(py::init<F32C, F32C, int>(), py::arg("coarse_centroids"), py::arg("pq_centroids"), py::arg("nbits"))
       .def("set_lists", &PyIVFPQScanner::set_lists, py::arg("codes"), py::arg("ids"),
-           "One uint8 code array and one int64 id array per inverted list (views of faiss's memory).")
+           py::arg("images") = std::vector<py::array>{},
+           "One uint8 code array and one int64 id array per inverted list (views of faiss's memory), and "
+           "optionally each list's int32 image ids in list order (saves a map lookup per scanned code).")
       .def("set_image_map", &PyIVFPQScanner::set_image_map, py::arg("patch_to_image"), py::arg("num_images"),
            "int32 array indexed by patch id giving the image id (-1: removed).")
       .def(

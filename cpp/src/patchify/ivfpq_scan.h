@@ -40,10 +40,14 @@
 namespace patchify {
 
 // One inverted list as faiss stores it: n codes of code_size bytes and n int64 ids (our patch ids).
+// images (optional) is the list's image ids in list order (-1 = removed): with it the scan reads image ids
+// sequentially instead of looking each patch id up in the patch -> image map, a random access (cache miss at
+// millions of patches) per scanned code.
 struct InvertedListView {
   const uint8_t* codes = nullptr;
   const int64_t* ids = nullptr;
   size_t size = 0;
+  const int32_t* images = nullptr;
 };
 
 namespace detail {
@@ -216,11 +220,12 @@ class IVFPQScanner {
   size_t nlist() const { return nlist_; }
   size_t code_size() const { return code_size_; }
 
-  void set_list(size_t list_no, const uint8_t* codes, const int64_t* ids, size_t size) {
+  void set_list(size_t list_no, const uint8_t* codes, const int64_t* ids, size_t size,
+                const int32_t* images = nullptr) {
     if (list_no >= nlist_) throw std::out_of_range("IVFPQScanner: list number out of range");
     if (size > 0 && (codes == nullptr || ids == nullptr))
       throw std::invalid_argument("IVFPQScanner: non-empty list without codes or ids");
-    lists_[list_no] = InvertedListView{codes, ids, size};
+    lists_[list_no] = InvertedListView{codes, ids, size, images};
   }
 
   // patch id -> image id (int32; -1 = removed/unknown). Not owned; num_images bounds the image ids.
@@ -250,7 +255,7 @@ class IVFPQScanner {
     for (size_t j = 0; j < nprobe; ++j) probes[j] = j < n ? order[j] : -1;
   }
 
-  // Calls visit(patch_id, score) for every code in the probed lists (probe ids < 0 are skipped, like faiss's
+  // Calls visit(patch_id, image_id, score) for every code in the probed lists (probe ids < 0 are skipped, like faiss's
   // padding). This is the one scoring loop, shared by search() and the test hook patch_scores().
   template <class Visit>
   void scan(const float* query, const int64_t* probes, size_t nprobe, const float* table, Visit&& visit) const {
@@ -292,9 +297,7 @@ class IVFPQScanner {
       int64_t* best_patch = s.best.patch.data();
       std::vector<int32_t>& touched = s.best.touched;
       touched.clear();
-      scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, float score) {
-        if (pid < 0 || static_cast<size_t>(pid) >= map_size_) return;
-        const int32_t img = map_[pid];
+      scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
         if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
         float& b = best[img];
         if (b == -std::numeric_limits<float>::infinity()) {
@@ -324,7 +327,7 @@ class IVFPQScanner {
     compute_table(query, table.data());
     ids.clear();
     scores.clear();
-    scan(query, probes, nprobe, table.data(), [&](int64_t pid, float score) {
+    scan(query, probes, nprobe, table.data(), [&](int64_t pid, int32_t, float score) {
       ids.push_back(pid);
       scores.push_back(score);
     });
@@ -358,6 +361,12 @@ class IVFPQScanner {
     }
   };
 
+  int32_t image_of(const InvertedListView& list, size_t j) const {
+    if (list.images) return list.images[j];
+    const int64_t pid = list.ids[j];
+    return (pid >= 0 && static_cast<size_t>(pid) < map_size_) ? map_[pid] : -1;
+  }
+
   // 8-bit codes: one byte per sub-quantiser. Four codes are summed side by side so that the table lookups of
   // independent codes overlap (the loop is latency-bound on the loads otherwise).
   template <class Visit>
@@ -378,17 +387,17 @@ class IVFPQScanner {
         s2 += t[c2[m]];
         s3 += t[c3[m]];
       }
-      visit(list.ids[j], dis0 + s0);
-      visit(list.ids[j + 1], dis0 + s1);
-      visit(list.ids[j + 2], dis0 + s2);
-      visit(list.ids[j + 3], dis0 + s3);
+      visit(list.ids[j], image_of(list, j), dis0 + s0);
+      visit(list.ids[j + 1], image_of(list, j + 1), dis0 + s1);
+      visit(list.ids[j + 2], image_of(list, j + 2), dis0 + s2);
+      visit(list.ids[j + 3], image_of(list, j + 3), dis0 + s3);
     }
     for (; j < list.size; ++j) {
       const uint8_t* c = codes + j * M;
       float s = 0.f;
       const float* t = table;
       for (size_t m = 0; m < M; ++m, t += 256) s += t[c[m]];
-      visit(list.ids[j], dis0 + s);
+      visit(list.ids[j], image_of(list, j), dis0 + s);
     }
   }
 
@@ -399,7 +408,7 @@ class IVFPQScanner {
       float s = 0.f;
       const float* t = table;
       for (size_t m = 0; m < M_; ++m, t += ksub_) s += t[dec.next()];
-      visit(list.ids[j], dis0 + s);
+      visit(list.ids[j], image_of(list, j), dis0 + s);
     }
   }
 

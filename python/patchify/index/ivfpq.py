@@ -2,9 +2,10 @@
 
 faiss does what it is good at: training the coarse quantiser and the PQ codebooks, encoding patches (residuals
 w.r.t. their coarse centroid, `by_residual`), maintaining the inverted lists, removing ids, reading and writing
-the index, and the coarse search that picks the `nprobe` lists to visit. The C++ extension (`_core.IVFPQScanner`,
-cpp/src/patchify/ivfpq_scan.h) then scans those lists' PQ codes with faiss's inner-product ADC arithmetic and
-keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking faiss for a
+the index. The C++ extension (`_core.IVFPQScanner`, cpp/src/patchify/ivfpq_scan.h) picks the `nprobe` lists
+(coarse="native", default: same ranking as faiss's quantiser, in the same GIL-free call) or takes faiss's own
+quantizer.search result (coarse="faiss"), then scans those lists' PQ codes with faiss's inner-product ADC
+arithmetic and keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking faiss for a
 patch-level top-k' and grouping in numpy would need a large k' (an image's patches crowd the top of the list).
 
 faiss ids are our global patch ids; a dense int32 array maps patch id -> image id (-1 once removed). The C++
@@ -208,10 +209,11 @@ class IVFPQIndex:
         return self._index
 
     def nbytes(self) -> int:
-        """PQ codes + faiss ids (int64) + the patch -> image map."""
+        """PQ codes + faiss ids (int64) + the patch -> image map (int32, indexed by patch id) + the same map in
+        inverted-list order (int32 per indexed patch, what the scanner reads)."""
         if self._index is None:
             return int(self._map.nbytes)
-        return int(self.ntotal * (self._index.code_size + 8) + self._map.nbytes)
+        return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path) -> None:
@@ -281,16 +283,20 @@ class IVFPQIndex:
             invlists = self._index.invlists
             code_size = int(invlists.code_size)
             empty_codes, empty_ids = np.zeros(0, np.uint8), np.zeros(0, np.int64)
-            codes, ids = [], []
+            empty_images = np.zeros(0, np.int32)
+            codes, ids, images = [], [], []
             for list_no in range(self._index.nlist):
                 n = int(invlists.list_size(list_no))
                 if n == 0:
                     codes.append(empty_codes)
                     ids.append(empty_ids)
+                    images.append(empty_images)
                 else:  # views of faiss's own memory (ArrayInvertedLists): nothing is copied
                     codes.append(faiss.rev_swig_ptr(invlists.get_codes(list_no), n * code_size))
                     ids.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), n))
-            self._scanner.set_lists(codes, ids)
+                    # The map in list order: the scan then reads image ids sequentially (no cache miss per code).
+                    images.append(self._map[ids[-1]])
+            self._scanner.set_lists(codes, ids, images)
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
