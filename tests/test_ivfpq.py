@@ -33,18 +33,26 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def trained_faiss(data):  # training is the slow part: do it once, copy the trained index per test
-    x, _ = data
-    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2)
-    index.train(x)
-    return index
-
-
-def fresh(trained: IVFPQIndex) -> IVFPQIndex:
+def trained_faiss(data):
+    """A trained IndexIVFPQ shared by the tests (copied per test). faiss's PQ k-means is the slow part, so it runs
+    only a few iterations here: codebook quality is irrelevant to the equality checks. IVFPQIndex.train itself
+    is exercised (with small codebooks) in test_training_size_checks_and_auto_nlist."""
     import faiss
 
-    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2)
-    index._index = faiss.clone_index(trained.faiss_index)
+    x, _ = data
+    ivf = faiss.index_factory(DIM, f"IVF{NLIST},PQ{M}x8", faiss.METRIC_INNER_PRODUCT)
+    ivf.do_polysemous_training = False  # as IVFPQIndex.train does
+    ivf.cp.niter = 4
+    ivf.pq.cp.niter = 4
+    ivf.train(x)
+    return ivf
+
+
+def fresh(trained, coarse: str = "native") -> IVFPQIndex:
+    import faiss
+
+    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2, coarse=coarse)
+    index._index = faiss.clone_index(trained)
     index._build_scanner()
     return index
 
@@ -99,14 +107,33 @@ def assert_matches_faiss(index: IVFPQIndex, q: np.ndarray, k: int = 10) -> None:
         assert np.all(imgs[qi, n:] == -1) and np.all(np.isneginf(s[qi, n:]))
 
 
+@pytest.mark.parametrize("coarse", ["native", "faiss"])
 @pytest.mark.parametrize("nprobe", [1, 4, NLIST])
-def test_scores_and_ranking_equal_faiss(trained_faiss, data, nprobe):
-    index = fresh(trained_faiss)
+def test_scores_and_ranking_equal_faiss(trained_faiss, data, nprobe, coarse):
+    index = fresh(trained_faiss, coarse)
     x, images = data
     index.add(x, np.arange(len(x)), images)
     index.nprobe = nprobe
     assert_matches_faiss(index, queries())
     assert isinstance(index, PatchIndex)
+
+
+def test_native_coarse_search_probes_what_faiss_probes(trained_faiss, data):
+    index = fresh(trained_faiss)
+    x, images = data
+    index.add(x, np.arange(len(x)), images)
+    q = queries(30)
+    for nprobe in (1, 5, NLIST + 3):  # more than nlist pads with -1, like faiss
+        index.nprobe = nprobe
+        faiss_probes = index.probe(q)
+        for qi in range(len(q)):
+            np.testing.assert_array_equal(index._scanner.coarse_probe(q[qi], nprobe)[: faiss_probes.shape[1]],
+                                          faiss_probes[qi])
+    index.nprobe = 4
+    native = index.search(q, 10)
+    index.coarse = "faiss"
+    for a, b in zip(native, index.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_threads_agree_and_single_query(trained_faiss, data):
@@ -190,7 +217,8 @@ def test_nbytes_counts_codes_ids_and_map(trained_faiss, data):
     index = fresh(trained_faiss)
     x, images = data
     index.add(x, np.arange(len(x)), images)
-    assert index.nbytes() == len(x) * (M + 8) + len(x) * 4  # 8-bit codes: M bytes, int64 id, int32 map entry
+    # 8-bit codes: M bytes, int64 id, int32 map entry by patch id and again in list order
+    assert index.nbytes() == len(x) * (M + 8) + len(x) * 4 + len(x) * 4
 
 
 def test_training_size_checks_and_auto_nlist(data):
@@ -200,10 +228,10 @@ def test_training_size_checks_and_auto_nlist(data):
     with pytest.raises(ValueError, match=r"at least 39000 vectors"):
         IVFPQIndex(DIM, nlist=1000, m=M).train(x)
     assert auto_nlist(10_000) == 256 and auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2
-    index = IVFPQIndex(DIM, nlist=None, m=M, nbits=6)  # 64 PQ centroids: 39 * 64 = 2496 vectors suffice
-    index.train(x[:3000])
-    assert index.nlist == auto_nlist(3000) == 76
-    index.add(x[:3000], np.arange(3000), np.arange(3000) // 7)
+    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=4)  # 16 PQ centroids: 39 * 16 = 624 vectors suffice
+    index.train(x[:3003])
+    assert index.nlist == auto_nlist(3003) == 77  # capped: 3003 // 39
+    index.add(x[:3003], np.arange(3003), np.arange(3003) // 7)
     assert_matches_faiss(index, queries(3))  # bit-packed 6-bit codes go through the generic decoder
 
 

@@ -57,10 +57,10 @@ def select_training_vectors(source: str, vectors: np.ndarray, image_ids: np.ndar
         return _subsample(_check_given(given, x.shape[1], source), max_vectors, rng)
     if source == "gt-aligned":
         gt = _check_given(given, x.shape[1], source)
-        aligned = x[_gt_aligned_mask(boxes, image_ids)] if boxes is not None else x[:0]
-        picked = _subsample(np.concatenate([gt, aligned]), max_vectors, rng)
-        room = max_vectors - len(picked)
-        return np.ascontiguousarray(np.concatenate([picked, _subsample(x, room, rng)])) if room > 0 else picked
+        aligned = _gt_aligned_mask(boxes, image_ids) if boxes is not None else np.zeros(len(x), bool)
+        picked = _subsample(np.concatenate([gt, x[aligned]]), max_vectors, rng)
+        room = max_vectors - len(picked)  # top up from the patches not picked yet
+        return np.ascontiguousarray(np.concatenate([picked, _subsample(x[~aligned], room, rng)])) if room > 0 else picked
     # salient
     if patch_grids is None:
         raise ValueError("training source 'salient' needs patch_grids (the grid size of each patch, 1 = whole image)")

@@ -182,8 +182,10 @@ struct PyIVFPQScanner {
     core = std::make_unique<patchify::IVFPQScanner>(dim, nlist, M, nbits, coarse.data(), pq.data());
   }
 
-  void set_lists(const std::vector<py::array>& codes, const std::vector<py::array>& ids) {
-    if (codes.size() != core->nlist() || ids.size() != core->nlist())
+  void set_lists(const std::vector<py::array>& codes, const std::vector<py::array>& ids,
+                 const std::vector<py::array>& images) {
+    if (codes.size() != core->nlist() || ids.size() != core->nlist() ||
+        (!images.empty() && images.size() != core->nlist()))
       throw std::invalid_argument("set_lists: need one codes and one ids array per inverted list");
     std::vector<py::object> refs;
     refs.reserve(2 * codes.size());
@@ -195,7 +197,15 @@ struct PyIVFPQScanner {
       if (static_cast<size_t>(c.size()) != n * core->code_size())
         throw std::invalid_argument("set_lists: list " + std::to_string(l) + " has " + std::to_string(c.size()) +
                                     " code bytes for " + std::to_string(n) + " ids");
-      core->set_list(l, c.data(), i.data(), n);
+      const int32_t* img_ptr = nullptr;
+      if (!images.empty()) {
+        auto im = py::array_t<int32_t, py::array::c_style>::ensure(images[l]);
+        if (!im || static_cast<size_t>(im.size()) != n)
+          throw std::invalid_argument("set_lists: images must be int32 arrays as long as the ids");
+        img_ptr = im.data();
+        refs.push_back(im);
+      }
+      core->set_list(l, c.data(), i.data(), n, img_ptr);
       refs.push_back(c);
       refs.push_back(i);
     }
@@ -333,7 +343,9 @@ PYBIND11_MODULE(_core, m) {
                              "(inner product, by_residual). Built by patchify.index.ivfpq.")
       .def(py::init<F32C, F32C, int>(), py::arg("coarse_centroids"), py::arg("pq_centroids"), py::arg("nbits"))
       .def("set_lists", &PyIVFPQScanner::set_lists, py::arg("codes"), py::arg("ids"),
-           "One uint8 code array and one int64 id array per inverted list (views of faiss's memory).")
+           py::arg("images") = std::vector<py::array>{},
+           "One uint8 code array and one int64 id array per inverted list (views of faiss's memory), and "
+           "optionally each list's int32 image ids in list order (saves a map lookup per scanned code).")
       .def("set_image_map", &PyIVFPQScanner::set_image_map, py::arg("patch_to_image"), py::arg("num_images"),
            "int32 array indexed by patch id giving the image id (-1: removed).")
       .def(
@@ -352,7 +364,37 @@ PYBIND11_MODULE(_core, m) {
             return py::make_tuple(scores, images, patches);
           },
           py::arg("queries"), py::arg("probes"), py::arg("k"), py::arg("num_threads") = 0,
-          "Top-k images per query: (scores, image_ids, patch_ids), each (nq, k), padded with -inf / -1.");
+          "Top-k images per query: (scores, image_ids, patch_ids), each (nq, k), padded with -inf / -1.")
+      .def(
+          "search_native",
+          [](PyIVFPQScanner& self, F32C queries, size_t nprobe, size_t k, int num_threads) {
+            if (queries.ndim() != 2 || static_cast<size_t>(queries.shape(1)) != self.core->dim())
+              throw std::invalid_argument("queries must be (nq, " + std::to_string(self.core->dim()) + ") float32");
+            if (nprobe < 1) throw std::invalid_argument("nprobe must be >= 1");
+            const size_t nq = queries.shape(0);
+            py::array_t<float> scores({nq, k});
+            py::array_t<int64_t> images({nq, k});
+            py::array_t<int64_t> patches({nq, k});
+            {
+              py::gil_scoped_release release;
+              self.core->search(queries.data(), nq, nullptr, nprobe, k, num_threads, scores.mutable_data(),
+                                images.mutable_data(), patches.mutable_data());
+            }
+            return py::make_tuple(scores, images, patches);
+          },
+          py::arg("queries"), py::arg("nprobe"), py::arg("k"), py::arg("num_threads") = 0,
+          "As search, with the coarse search (top-nprobe centroids by inner product) done in C++ too.")
+      .def(
+          "coarse_probe",
+          [](PyIVFPQScanner& self, F32C query, size_t nprobe) {
+            if (query.ndim() != 1 || static_cast<size_t>(query.shape(0)) != self.core->dim())
+              throw std::invalid_argument("query must be a 1-D float32 vector of the index dimension");
+            std::vector<float> scratch(self.core->nlist());
+            py::array_t<int64_t> probes(nprobe);
+            self.core->coarse_probe(query.data(), nprobe, scratch.data(), probes.mutable_data());
+            return probes;
+          },
+          py::arg("query"), py::arg("nprobe"), "The native coarse search's probed lists for one query.");
   m.def(
       "ivfpq_patch_scores",
       [](PyIVFPQScanner& self, F32C query, I64C probes) {

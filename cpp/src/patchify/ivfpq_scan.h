@@ -30,13 +30,24 @@
 #include "patchify/parallel.h"
 #include "patchify/topk.h"
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define PATCHIFY_X86_DISPATCH 1
+#else
+#define PATCHIFY_X86_DISPATCH 0
+#endif
+
 namespace patchify {
 
 // One inverted list as faiss stores it: n codes of code_size bytes and n int64 ids (our patch ids).
+// images (optional) is the list's image ids in list order (-1 = removed): with it the scan reads image ids
+// sequentially instead of looking each patch id up in the patch -> image map, a random access (cache miss at
+// millions of patches) per scanned code.
 struct InvertedListView {
   const uint8_t* codes = nullptr;
   const int64_t* ids = nullptr;
   size_t size = 0;
+  const int32_t* images = nullptr;
 };
 
 namespace detail {
@@ -69,10 +80,97 @@ class BitDecoder {
   int offset_ = 0;
 };
 
+// Eight independent partial sums: without -ffast-math the compiler may not reorder a single float accumulator,
+// so a plain loop would run one dependent add per cycle; this form pipelines and vectorises.
 inline float dot(const float* a, const float* b, size_t d) {
-  float s = 0.f;
-  for (size_t i = 0; i < d; ++i) s += a[i] * b[i];
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  size_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (size_t j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < d; ++i) s += a[i] * b[i];
   return s;
+}
+
+// One binary for any x86-64: AVX2/FMA code paths are picked at run time (the default build targets SSE2).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PATCHIFY_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define PATCHIFY_MULTIVERSION
+#endif
+
+// scores[j] = <q, centroids[j]> for n centroids: the native coarse search's dot products (nlist x dim per query,
+// the largest dense cost of a search). Baseline version: eight partial sums per row so the adds pipeline.
+inline void dots_to_rows_generic(const float* q, const float* rows, size_t n, size_t d, float* scores) {
+  for (size_t j = 0; j < n; ++j) scores[j] = dot(q, rows + j * d, d);
+}
+
+#if PATCHIFY_X86_DISPATCH
+// AVX2/FMA version, picked at run time: four rows at a time, each with its own 8-lane accumulator, so four
+// independent FMA chains hide the FMA latency and each load of q serves four rows. Written with intrinsics
+// because GCC's auto-vectoriser does not find this schedule on its own.
+__attribute__((target("avx2,fma"))) inline void dots_to_rows_avx2(const float* q, const float* rows, size_t n,
+                                                                    size_t d, float* scores) {
+  const size_t d8 = d - d % 8;
+  auto hsum = [](__m256 v) __attribute__((target("avx2,fma"))) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  };
+  size_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* r0 = rows + j * d;
+    const float* r1 = r0 + d;
+    const float* r2 = r1 + d;
+    const float* r3 = r2 + d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (size_t i = 0; i < d8; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r0 + i), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r1 + i), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r2 + i), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r3 + i), a3);
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (size_t i = d8; i < d; ++i) {
+      s0 += q[i] * r0[i];
+      s1 += q[i] * r1[i];
+      s2 += q[i] * r2[i];
+      s3 += q[i] * r3[i];
+    }
+    scores[j] = s0;
+    scores[j + 1] = s1;
+    scores[j + 2] = s2;
+    scores[j + 3] = s3;
+  }
+  for (; j < n; ++j) scores[j] = dot(q, rows + j * d, d);
+}
+#endif
+
+inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, float* scores) {
+#if PATCHIFY_X86_DISPATCH
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return dots_to_rows_avx2(q, rows, n, d, scores);
+#endif
+  dots_to_rows_generic(q, rows, n, d, scores);
+}
+
+// The M x ksub ADC table from codebooks stored M x dsub x ksub: the inner loop runs over the ksub centroids
+// (independent outputs), so it vectorises without reordering any sum.
+PATCHIFY_MULTIVERSION inline void adc_table(const float* query, const float* pq_t, size_t M, size_t dsub,
+                                            size_t ksub, float* table) {
+  for (size_t m = 0; m < M; ++m) {
+    const float* qm = query + m * dsub;
+    float* out = table + m * ksub;
+    const float* col = pq_t + m * dsub * ksub;
+    for (size_t c = 0; c < ksub; ++c) out[c] = qm[0] * col[c];
+    for (size_t i = 1; i < dsub; ++i) {
+      const float qi = qm[i];
+      const float* row = col + i * ksub;
+      for (size_t c = 0; c < ksub; ++c) out[c] += qi * row[c];
+    }
+  }
 }
 
 // Per-worker scratch: a dense "best so far" per image. Dense (not a hash map) because a probe touches thousands
@@ -108,7 +206,13 @@ class IVFPQScanner {
     ksub_ = size_t(1) << nbits;
     code_size_ = (M * static_cast<size_t>(nbits) + 7) / 8;
     coarse_.assign(coarse_centroids, coarse_centroids + nlist * dim);
-    pq_.assign(pq_centroids, pq_centroids + M * ksub_ * dsub_);
+    // Codebooks transposed to M x dsub x ksub: the table loop then runs over the ksub centroids contiguously
+    // (independent outputs, so it vectorises with no reordering of any sum).
+    pq_t_.resize(M * ksub_ * dsub_);
+    for (size_t m = 0; m < M; ++m)
+      for (size_t c = 0; c < ksub_; ++c)
+        for (size_t i = 0; i < dsub_; ++i)
+          pq_t_[(m * dsub_ + i) * ksub_ + c] = pq_centroids[(m * ksub_ + c) * dsub_ + i];
     lists_.resize(nlist);
   }
 
@@ -116,11 +220,12 @@ class IVFPQScanner {
   size_t nlist() const { return nlist_; }
   size_t code_size() const { return code_size_; }
 
-  void set_list(size_t list_no, const uint8_t* codes, const int64_t* ids, size_t size) {
+  void set_list(size_t list_no, const uint8_t* codes, const int64_t* ids, size_t size,
+                const int32_t* images = nullptr) {
     if (list_no >= nlist_) throw std::out_of_range("IVFPQScanner: list number out of range");
     if (size > 0 && (codes == nullptr || ids == nullptr))
       throw std::invalid_argument("IVFPQScanner: non-empty list without codes or ids");
-    lists_[list_no] = InvertedListView{codes, ids, size};
+    lists_[list_no] = InvertedListView{codes, ids, size, images};
   }
 
   // patch id -> image id (int32; -1 = removed/unknown). Not owned; num_images bounds the image ids.
@@ -132,15 +237,25 @@ class IVFPQScanner {
 
   // The M x ksub ADC table of one query: table[m * ksub + c] = <q_m, pq_centroid[m][c]>.
   void compute_table(const float* query, float* table) const {
-    for (size_t m = 0; m < M_; ++m) {
-      const float* qm = query + m * dsub_;
-      const float* cent = pq_.data() + m * ksub_ * dsub_;
-      float* out = table + m * ksub_;
-      for (size_t c = 0; c < ksub_; ++c) out[c] = detail::dot(qm, cent + c * dsub_, dsub_);
-    }
+    detail::adc_table(query, pq_t_.data(), M_, dsub_, ksub_, table);
   }
 
-  // Calls visit(patch_id, score) for every code in the probed lists (probe ids < 0 are skipped, like faiss's
+  // Native coarse search: the nprobe lists whose centroids have the largest inner product with the query
+  // (ties -> smaller list id). Same ranking as faiss's IndexFlatIP up to float rounding, so a near-tie at the
+  // nprobe boundary may pick a different (equally close) list; pass faiss's probes where exact parity matters.
+  void coarse_probe(const float* query, size_t nprobe, float* scores_scratch, int64_t* probes) const {
+    detail::dots_to_rows(query, coarse_.data(), nlist_, dim_, scores_scratch);
+    const size_t n = std::min(nprobe, nlist_);
+    std::vector<int64_t> order(nlist_);
+    for (size_t j = 0; j < nlist_; ++j) order[j] = static_cast<int64_t>(j);
+    auto better_list = [&](int64_t a, int64_t b) {
+      return scores_scratch[a] > scores_scratch[b] || (scores_scratch[a] == scores_scratch[b] && a < b);
+    };
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(n), order.end(), better_list);
+    for (size_t j = 0; j < nprobe; ++j) probes[j] = j < n ? order[j] : -1;
+  }
+
+  // Calls visit(patch_id, image_id, score) for every code in the probed lists (probe ids < 0 are skipped, like faiss's
   // padding). This is the one scoring loop, shared by search() and the test hook patch_scores().
   template <class Visit>
   void scan(const float* query, const int64_t* probes, size_t nprobe, const float* table, Visit&& visit) const {
@@ -159,7 +274,8 @@ class IVFPQScanner {
     }
   }
 
-  // Top-k images per query. queries: nq x dim, probes: nq x nprobe (from the coarse quantiser), outputs nq x k.
+  // Top-k images per query. queries: nq x dim; probes: nq x nprobe list ids from faiss's coarse quantiser, or
+  // nullptr to run the native coarse search (one call, no Python in between); outputs nq x k.
   void search(const float* queries, size_t nq, const int64_t* probes, size_t nprobe, size_t k, int num_threads,
               float* out_scores, int64_t* out_images, int64_t* out_patches) const {
     if (map_ == nullptr && map_size_ > 0) throw std::runtime_error("IVFPQScanner: image map not set");
@@ -169,14 +285,19 @@ class IVFPQScanner {
       s.best.ensure(num_images_);
       s.table.resize(M_ * ksub_);
       const float* q = queries + qi * dim_;
+      const int64_t* query_probes = probes ? probes + qi * nprobe : nullptr;
+      if (!query_probes) {
+        s.coarse.resize(nlist_);
+        s.probes.resize(nprobe);
+        coarse_probe(q, nprobe, s.coarse.data(), s.probes.data());
+        query_probes = s.probes.data();
+      }
       compute_table(q, s.table.data());
       float* best = s.best.score.data();
       int64_t* best_patch = s.best.patch.data();
       std::vector<int32_t>& touched = s.best.touched;
       touched.clear();
-      scan(q, probes + qi * nprobe, nprobe, s.table.data(), [&](int64_t pid, float score) {
-        if (pid < 0 || static_cast<size_t>(pid) >= map_size_) return;
-        const int32_t img = map_[pid];
+      scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
         if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
         float& b = best[img];
         if (b == -std::numeric_limits<float>::infinity()) {
@@ -206,7 +327,7 @@ class IVFPQScanner {
     compute_table(query, table.data());
     ids.clear();
     scores.clear();
-    scan(query, probes, nprobe, table.data(), [&](int64_t pid, float score) {
+    scan(query, probes, nprobe, table.data(), [&](int64_t pid, int32_t, float score) {
       ids.push_back(pid);
       scores.push_back(score);
     });
@@ -216,6 +337,8 @@ class IVFPQScanner {
   struct Scratch {
     detail::ImageBest best;
     std::vector<float> table;
+    std::vector<float> coarse;
+    std::vector<int64_t> probes;
   };
 
   // Scratch buffers are pooled on the scanner so that repeated searches do not reallocate the dense per-image
@@ -238,6 +361,12 @@ class IVFPQScanner {
     }
   };
 
+  int32_t image_of(const InvertedListView& list, size_t j) const {
+    if (list.images) return list.images[j];
+    const int64_t pid = list.ids[j];
+    return (pid >= 0 && static_cast<size_t>(pid) < map_size_) ? map_[pid] : -1;
+  }
+
   // 8-bit codes: one byte per sub-quantiser. Four codes are summed side by side so that the table lookups of
   // independent codes overlap (the loop is latency-bound on the loads otherwise).
   template <class Visit>
@@ -258,17 +387,17 @@ class IVFPQScanner {
         s2 += t[c2[m]];
         s3 += t[c3[m]];
       }
-      visit(list.ids[j], dis0 + s0);
-      visit(list.ids[j + 1], dis0 + s1);
-      visit(list.ids[j + 2], dis0 + s2);
-      visit(list.ids[j + 3], dis0 + s3);
+      visit(list.ids[j], image_of(list, j), dis0 + s0);
+      visit(list.ids[j + 1], image_of(list, j + 1), dis0 + s1);
+      visit(list.ids[j + 2], image_of(list, j + 2), dis0 + s2);
+      visit(list.ids[j + 3], image_of(list, j + 3), dis0 + s3);
     }
     for (; j < list.size; ++j) {
       const uint8_t* c = codes + j * M;
       float s = 0.f;
       const float* t = table;
       for (size_t m = 0; m < M; ++m, t += 256) s += t[c[m]];
-      visit(list.ids[j], dis0 + s);
+      visit(list.ids[j], image_of(list, j), dis0 + s);
     }
   }
 
@@ -279,7 +408,7 @@ class IVFPQScanner {
       float s = 0.f;
       const float* t = table;
       for (size_t m = 0; m < M_; ++m, t += ksub_) s += t[dec.next()];
-      visit(list.ids[j], dis0 + s);
+      visit(list.ids[j], image_of(list, j), dis0 + s);
     }
   }
 
@@ -287,7 +416,7 @@ class IVFPQScanner {
   int nbits_;
   size_t dsub_ = 0, ksub_ = 0, code_size_ = 0;
   std::vector<float> coarse_;
-  std::vector<float> pq_;
+  std::vector<float> pq_t_;  // M x dsub x ksub
   std::vector<InvertedListView> lists_;
   const int32_t* map_ = nullptr;
   size_t map_size_ = 0;

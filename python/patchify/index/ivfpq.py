@@ -2,9 +2,10 @@
 
 faiss does what it is good at: training the coarse quantiser and the PQ codebooks, encoding patches (residuals
 w.r.t. their coarse centroid, `by_residual`), maintaining the inverted lists, removing ids, reading and writing
-the index, and the coarse search that picks the `nprobe` lists to visit. The C++ extension (`_core.IVFPQScanner`,
-cpp/src/patchify/ivfpq_scan.h) then scans those lists' PQ codes with faiss's inner-product ADC arithmetic and
-keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking faiss for a
+the index. The C++ extension (`_core.IVFPQScanner`, cpp/src/patchify/ivfpq_scan.h) picks the `nprobe` lists
+(coarse="native", default: same ranking as faiss's quantiser, in the same GIL-free call) or takes faiss's own
+quantizer.search result (coarse="faiss"), then scans those lists' PQ codes with faiss's inner-product ADC
+arithmetic and keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking faiss for a
 patch-level top-k' and grouping in numpy would need a large k' (an image's patches crowd the top of the list).
 
 faiss ids are our global patch ids; a dense int32 array maps patch id -> image id (-1 once removed). The C++
@@ -52,13 +53,16 @@ class IVFPQIndex:
     """Inner-product IVFPQ over L2-normalised patch vectors; fulfils `PatchIndex`.
 
     nlist=None picks ~4 sqrt(n_train) lists at train time. `factory` takes a faiss spec "IVF<nlist>,PQ<m>[x<nbits>]"
-    instead of nlist/m/nbits. `nprobe` and `num_threads` may be changed at any time.
+    instead of nlist/m/nbits. `nprobe` and `num_threads` may be changed at any time; num_threads <= 0 uses all
+    hardware threads for batches (one query runs on the calling thread). faiss's own threads (training, adding,
+    the coarse search) follow faiss.omp_set_num_threads.
     """
 
     kind = "ivfpq"
 
     def __init__(self, dim: int, nlist: int | None = None, m: int = 48, nbits: int = 8, nprobe: int = 16,
-                 num_threads: int = 0, *, factory: str | None = None) -> None:
+                 num_threads: int = 0, *, factory: str | None = None, train_iterations: int | None = None,
+                 coarse: str = "native") -> None:
         if factory is not None:
             match = _FACTORY.match(factory.replace(" ", ""))
             if not match:
@@ -71,6 +75,8 @@ class IVFPQIndex:
             raise ValueError(f"m (PQ sub-quantisers, {m}) must divide the dimension {dim}")
         if not 1 <= nbits <= 16:
             raise ValueError(f"nbits must be in [1, 16], got {nbits}")
+        if coarse not in ("native", "faiss"):
+            raise ValueError(f"coarse must be 'native' or 'faiss', got {coarse!r}")
         if nlist is not None and nlist < 1:
             raise ValueError(f"nlist must be >= 1 or None (automatic), got {nlist}")
         self.dim = int(dim)
@@ -79,6 +85,13 @@ class IVFPQIndex:
         self.nbits = int(nbits)
         self.nprobe = int(nprobe)
         self.num_threads = int(num_threads)
+        # k-means iterations for the coarse quantiser and the PQ codebooks (None: faiss's default, 25). Fewer
+        # iterations train much faster at a small cost in recall - benchmarks use that on large collections.
+        self.train_iterations = train_iterations
+        # Coarse search (which lists to probe): "native" runs it inside the same GIL-free C++ call as the scan;
+        # "faiss" asks faiss's quantiser from Python (bit-exact faiss probes, one more Python round trip). They
+        # differ only when two centroids tie to float rounding at the nprobe boundary.
+        self.coarse = coarse
         self._index: Any = None  # faiss.IndexIVFPQ once trained
         self._map = np.zeros(0, np.int32)  # patch id -> image id, -1 = absent
         self._num_images = 0  # max image id + 1 ever added (sizes the scanner's dense per-image scratch)
@@ -112,6 +125,11 @@ class IVFPQIndex:
         nlist = self.nlist or auto_nlist(len(x))
         # The factory gives an IndexIVFPQ that owns its flat inner-product quantiser; by_residual is the default.
         index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{self.m}x{self.nbits}", faiss.METRIC_INNER_PRODUCT)
+        # Polysemous training (re-ordering PQ centroids so that Hamming distance on codes mimics the true distance)
+        # only serves faiss's polysemous filtering, which we never use, and costs minutes at 8 bits.
+        index.do_polysemous_training = False
+        if self.train_iterations is not None:
+            index.cp.niter = index.pq.cp.niter = int(self.train_iterations)
         index.train(x)
         self._index = index
         self.nlist = nlist
@@ -166,12 +184,16 @@ class IVFPQIndex:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64),
                     np.full((len(q), k), -1, np.int64))
         scanner = self._ready_scanner()
+        if self.coarse == "native":
+            return scanner.search_native(q, self._nprobe(), int(k), self.num_threads)
         return scanner.search(q, self.probe(q), int(k), self.num_threads)
+
+    def _nprobe(self) -> int:
+        return max(1, min(int(self.nprobe), int(self._index.nlist)))
 
     def probe(self, queries: np.ndarray) -> np.ndarray:
         """The inverted lists faiss itself would visit: the quantiser's top-nprobe lists per query (nq, nprobe)."""
-        nprobe = max(1, min(int(self.nprobe), int(self._index.nlist)))
-        _, lists = self._index.quantizer.search(queries, nprobe)
+        _, lists = self._index.quantizer.search(queries, self._nprobe())
         return lists
 
     def patch_scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,10 +209,11 @@ class IVFPQIndex:
         return self._index
 
     def nbytes(self) -> int:
-        """PQ codes + faiss ids (int64) + the patch -> image map."""
+        """PQ codes + faiss ids (int64) + the patch -> image map (int32, indexed by patch id) + the same map in
+        inverted-list order (int32 per indexed patch, what the scanner reads)."""
         if self._index is None:
             return int(self._map.nbytes)
-        return int(self.ntotal * (self._index.code_size + 8) + self._map.nbytes)
+        return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path) -> None:
@@ -260,16 +283,20 @@ class IVFPQIndex:
             invlists = self._index.invlists
             code_size = int(invlists.code_size)
             empty_codes, empty_ids = np.zeros(0, np.uint8), np.zeros(0, np.int64)
-            codes, ids = [], []
+            empty_images = np.zeros(0, np.int32)
+            codes, ids, images = [], [], []
             for list_no in range(self._index.nlist):
                 n = int(invlists.list_size(list_no))
                 if n == 0:
                     codes.append(empty_codes)
                     ids.append(empty_ids)
+                    images.append(empty_images)
                 else:  # views of faiss's own memory (ArrayInvertedLists): nothing is copied
                     codes.append(faiss.rev_swig_ptr(invlists.get_codes(list_no), n * code_size))
                     ids.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), n))
-            self._scanner.set_lists(codes, ids)
+                    # The map in list order: the scan then reads image ids sequentially (no cache miss per code).
+                    images.append(self._map[ids[-1]])
+            self._scanner.set_lists(codes, ids, images)
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner

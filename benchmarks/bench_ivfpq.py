@@ -1,0 +1,253 @@
+"""Fused IVFPQ max-over-patches scanner vs faiss, on synthetic clustered patch vectors.
+
+    python benchmarks/bench_ivfpq.py                      # 100k images x 14 patches, d=384, nlist 4096, M=48
+    python benchmarks/bench_ivfpq.py --images 1000000     # the 1M target, if memory/time allow
+    python benchmarks/bench_ivfpq.py --images 20000 --json out.json
+
+Compared at equal nprobe, all three on the same faiss index:
+  fused : IVFPQIndex.search - faiss coarse search, then the C++ scanner returns the top-10 *images* directly.
+  (a)   : faiss IndexIVFPQ.search with k=10 *patches* (a lower bound: it does not answer the image question).
+  (b)   : faiss search with a patch-level k' large enough that grouping by image in numpy yields the same top-10
+          images as the fused scanner for every benchmark query (k' = smallest power of two that does), then
+          the numpy group-by.
+Targets: fused >= 3x faster than (b) and within 1.3x of (a). Single-query latency (p50/p99, queries timed
+interleaved so that load changes hit all methods alike) and batch throughput (batch 64, queries/s).
+Memory: bytes per patch and per image for flat float32, flat float16 and IVFPQ at each grid level.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from patchify.index.ivfpq import IVFPQIndex  # noqa: E402
+from patchify.training import select_training_vectors  # noqa: E402
+
+GRID_LEVEL_PATCHES = {0: 1, 1: 5, 2: 14, 3: 30}  # patches per image for levels 0..3 (grids 1, +2x2, +3x3, +4x4)
+
+
+def synthetic(n_images: int, per_image: int, dim: int, seed: int, chunk: int = 20000) -> np.ndarray:
+    """Clustered, L2-normalised: themes -> image centres -> patches (an image's patches are near each other,
+    as real grid patches of one photo are), generated in chunks to bound temporary memory."""
+    rng = np.random.default_rng(seed)
+    themes = rng.standard_normal((max(16, n_images // 100), dim)).astype(np.float32)
+    out = np.empty((n_images * per_image, dim), np.float32)
+    for start in range(0, n_images, chunk):
+        n = min(chunk, n_images - start)
+        centres = themes[rng.integers(0, len(themes), n)] + 0.8 * rng.standard_normal((n, dim), dtype=np.float32)
+        x = np.repeat(centres, per_image, axis=0)
+        x += 0.9 * rng.standard_normal(x.shape, dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[start * per_image:(start + n) * per_image] = x
+    return out
+
+
+def make_queries(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Noisy copies of random database patches (a crop of an object that is somewhere in the collection)."""
+    rng = np.random.default_rng(seed + 1)
+    q = x[rng.integers(0, len(x), n)] + 0.05 * rng.standard_normal((n, x.shape[1]), dtype=np.float32)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def group_top_images(D: np.ndarray, I: np.ndarray, patch_image: np.ndarray, k: int) -> np.ndarray:
+    """(b)'s numpy step: per query, best patch per image, top-k images (ties -> smaller image id)."""
+    out = np.full((len(D), k), -1, np.int64)
+    for r in range(len(D)):
+        ids = I[r]
+        valid = ids >= 0
+        d, imgs = D[r][valid], patch_image[ids[valid]]
+        # faiss returns patches best first, so the first occurrence of an image is its best patch.
+        u, first = np.unique(imgs, return_index=True)
+        best = d[first]
+        order = np.lexsort((u, -best))[:k]
+        out[r, :len(order)] = u[order]
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--patches-per-image", type=int, default=14)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--nlist", type=int, default=None, help="default 4096, scaled down below 1.4M patches")
+    ap.add_argument("--m", type=int, default=48)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=200, help="single-query latency samples")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="threads for batches (fused and faiss); 0 = all")
+    ap.add_argument("--train-iterations", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder to save the trained, filled index in (and reuse it on later runs)")
+    args = ap.parse_args()
+
+    import faiss
+
+    from patchify import _core
+
+    threads = _core.hardware_threads() if args.threads <= 0 else args.threads
+    faiss.omp_set_num_threads(threads)
+    n_patches = args.images * args.patches_per_image
+    nlist = args.nlist or min(4096, 2 ** int(round(math.log2(max(1.0, 4 * math.sqrt(n_patches))))))
+    print(f"{args.images} images x {args.patches_per_image} patches = {n_patches} patches, d={args.dim}, "
+          f"nlist={nlist}, M={args.m}, nprobe={args.nprobe}, threads={threads}", flush=True)
+
+    t0 = time.perf_counter()
+    x = synthetic(args.images, args.patches_per_image, args.dim, args.seed)
+    patch_image = np.repeat(np.arange(args.images, dtype=np.int64), args.patches_per_image)
+    t_gen = time.perf_counter() - t0
+
+    cache = args.cache / f"ivfpq_{args.images}x{args.patches_per_image}_d{args.dim}_nl{nlist}_m{args.m}_s{args.seed}" \
+        if args.cache else None
+    t_train = t_add = float("nan")
+    n_train = 0
+    if cache is not None and (cache / "ivfpq_meta.json").exists():
+        index = IVFPQIndex.load(cache, num_threads=threads)
+        index.nprobe = args.nprobe
+        print(f"loaded the trained, filled index from {cache}", flush=True)
+    else:
+        index = IVFPQIndex(args.dim, nlist=nlist, m=args.m, nbits=8, nprobe=args.nprobe, num_threads=threads,
+                           train_iterations=args.train_iterations)
+        # faiss's minimum (39 points per centroid), a little more: k-means time grows with it.
+        n_train = min(n_patches, max(index.min_training_vectors(), 40 * nlist))
+        t0 = time.perf_counter()
+        index.train(select_training_vectors("all", x, patch_image, max_vectors=n_train, seed=args.seed))
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for start in range(0, n_patches, 500_000):
+            stop = min(n_patches, start + 500_000)
+            index.add(x[start:stop], np.arange(start, stop), patch_image[start:stop])
+        t_add = time.perf_counter() - t0
+        if cache is not None:
+            index.save(cache)
+    print(f"generate {t_gen:.1f}s, train {t_train:.1f}s on {n_train}, add {t_add:.1f}s", flush=True)
+    q = make_queries(x, max(args.queries, args.batch * args.batches), args.seed)
+    del x  # keep only what an IVFPQ deployment keeps
+
+    ivf = index.faiss_index
+    ivf.nprobe = args.nprobe
+    k = args.k
+    index.search(q[:2], k)  # builds the list views once (as after any add/remove), not part of a search
+
+    # k' for (b): smallest power of two whose grouped top-k equals the fused top-k for every query.
+    _, fused_imgs, _ = index.search(q, k)
+    k_prime = None
+    candidate = k
+    while candidate <= 1 << 17:
+        D, I = ivf.search(q, candidate)
+        if np.array_equal(group_top_images(D, I, index._map.astype(np.int64), k), fused_imgs):
+            k_prime = candidate
+            break
+        candidate *= 2
+    if k_prime is None:
+        k_prime = candidate // 2
+        print(f"warning: no k' <= {k_prime} reproduces the fused top-{k} for every query", flush=True)
+    patch_map = index._map.astype(np.int64)
+    print(f"(b) needs k' = {k_prime} patches for the same top-{k} images", flush=True)
+
+    def fused(qs: np.ndarray) -> None:
+        index.search(qs, k)
+
+    def faiss_a(qs: np.ndarray) -> None:
+        ivf.search(qs, k)
+
+    def faiss_b(qs: np.ndarray) -> None:
+        D, I = ivf.search(qs, k_prime)
+        group_top_images(D, I, patch_map, k)
+
+    methods = {"fused": fused, "faiss_k10": faiss_a, "faiss_kprime_group": faiss_b}
+    # Single query: one thread each (faiss parallelises a single query over nothing by default either).
+    index.num_threads = 1
+    faiss.omp_set_num_threads(1)
+    lat: dict[str, list[float]] = {name: [] for name in methods}
+    for i in range(args.queries):
+        qi = q[i % len(q)][None, :]
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn(qi)
+            lat[name].append(time.perf_counter() - t)
+    # Batches: all threads for everyone.
+    index.num_threads = threads
+    faiss.omp_set_num_threads(threads)
+    batch_time: dict[str, float] = {name: 0.0 for name in methods}
+    n_batch_queries = 0
+    for b in range(args.batches):
+        qb = q[(b * args.batch) % len(q):][: args.batch]
+        if len(qb) < args.batch:
+            qb = q[: args.batch]
+        n_batch_queries += len(qb)
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn(qb)
+            batch_time[name] += time.perf_counter() - t
+
+    results = {name: {"p50_ms": pct(lat[name], 50), "p99_ms": pct(lat[name], 99),
+                      "batch_qps": n_batch_queries / batch_time[name]} for name in methods}
+    f, a, bb = results["fused"], results["faiss_k10"], results["faiss_kprime_group"]
+    ratios = {
+        "b_over_fused_p50": bb["p50_ms"] / f["p50_ms"],
+        "fused_over_a_p50": f["p50_ms"] / a["p50_ms"],
+        "fused_over_b_qps": f["batch_qps"] / bb["batch_qps"],
+        "a_over_fused_qps": a["batch_qps"] / f["batch_qps"],
+    }
+    targets = {
+        "fused_3x_faster_than_b_latency": ratios["b_over_fused_p50"] >= 3.0,
+        "fused_3x_faster_than_b_batch": ratios["fused_over_b_qps"] >= 3.0,
+        "fused_within_1.3x_of_a_latency": ratios["fused_over_a_p50"] <= 1.3,
+        "fused_within_1.3x_of_a_batch": ratios["a_over_fused_qps"] <= 1.3,
+    }
+
+    d = args.dim
+    ivfpq_per_patch = index.nbytes() / index.ntotal
+    fixed = (ivf.nlist * d + args.m * 256 * (d // args.m)) * 4  # coarse centroids + PQ codebooks
+    memory = {
+        "per_patch_bytes": {"flat_f32": 4 * d, "flat_f16": 2 * d, "ivfpq": ivfpq_per_patch,
+                            "ivfpq_code": ivf.code_size},
+        "ivfpq_fixed_bytes": fixed,
+        "per_image_bytes_by_level": {
+            str(level): {"patches": p, "flat_f32": 4 * d * p, "flat_f16": 2 * d * p, "ivfpq": ivfpq_per_patch * p}
+            for level, p in GRID_LEVEL_PATCHES.items()},
+        "index_nbytes": index.nbytes(),
+    }
+
+    report = {
+        "config": {**{k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()}, "nlist": nlist,
+                   "threads": threads, "n_patches": n_patches, "n_train": n_train, "k_prime": k_prime,
+                   "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                   "faiss": faiss.__version__},
+        "build_seconds": {"generate": t_gen, "train": t_train, "add": t_add},
+        "results": results, "ratios": ratios, "targets_met": targets, "memory": memory,
+    }
+    print(f"\n{'method':<20}{'p50 ms':>10}{'p99 ms':>10}{'batch q/s':>12}")
+    for name, r in results.items():
+        print(f"{name:<20}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['batch_qps']:>12.1f}")
+    print("ratios:", {k_: round(v, 2) for k_, v in ratios.items()})
+    print("targets met:", targets)
+    print(f"memory per patch: f32 {4 * d} B, f16 {2 * d} B, IVFPQ {ivfpq_per_patch:.1f} B "
+          f"(code {ivf.code_size} + id 8 + map 4); fixed {fixed / 1e6:.1f} MB")
+    for level, row in memory["per_image_bytes_by_level"].items():
+        print(f"  level {level} ({row['patches']} patches/image): f32 {row['flat_f32']} B, f16 {row['flat_f16']} B, "
+              f"IVFPQ {row['ivfpq']:.0f} B per image")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
