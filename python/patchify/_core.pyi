@@ -1,0 +1,100 @@
+"""
+Patchify C++ core: patch tiler, flat max-over-patches index, fused IVFPQ scanner
+"""
+from __future__ import annotations
+import collections.abc
+import numpy
+import numpy.typing
+import typing
+class FlatPatchIndex:
+    """
+    Exact max-over-patches index (float32 or float16 storage). Use patchify.index.FlatIndex.
+    """
+    def __init__(self, dim: typing.SupportsInt | typing.SupportsIndex, float16: bool = False) -> None:
+        ...
+    def add(self, vectors: numpy.ndarray, patch_ids: numpy.ndarray, image_ids: numpy.ndarray) -> None:
+        ...
+    def nbytes(self) -> int:
+        ...
+    def patch_ids_view(self) -> numpy.ndarray:
+        """
+        Read-only view of the patch id of each stored row; invalid after add/remove_images
+        """
+    def remove_images(self, image_ids: numpy.ndarray) -> int:
+        ...
+    def row_image_ids(self) -> numpy.typing.NDArray[numpy.int64]:
+        """
+        Image id of each stored row (a copy)
+        """
+    def search(self, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+        """
+        (nq, dim) float32 C-contiguous queries -> (scores, image ids, patch ids), each (nq, k)
+        """
+    def vectors_view(self) -> numpy.ndarray:
+        """
+        Read-only view of the stored vectors (rows grouped by image); invalid after add/remove_images
+        """
+    @property
+    def dim(self) -> int:
+        ...
+    @property
+    def float16(self) -> bool:
+        ...
+    @property
+    def kernel(self) -> str:
+        """
+        'avx2' (AVX2+FMA+F16C) or 'generic'; settable, for tests and benchmarks
+        """
+    @kernel.setter
+    def kernel(self, arg1: str) -> None:
+        ...
+    @property
+    def n_images(self) -> int:
+        ...
+    @property
+    def ntotal(self) -> int:
+        ...
+class IVFPQScanner:
+    """
+    Fused max-over-patches ADC scanner over a faiss IndexIVFPQ's inverted lists (inner product, by_residual). Built by patchify.index.ivfpq.
+    """
+    def __init__(self, coarse_centroids: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], pq_centroids: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], nbits: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def coarse_probe(self, query: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], nprobe: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.int64]:
+        """
+        The native coarse search's probed lists for one query.
+        """
+    def search(self, queries: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], probes: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+        """
+        Top-k images per query: (scores, image_ids, patch_ids), each (nq, k), padded with -inf / -1.
+        """
+    def search_native(self, queries: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], nprobe: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+        """
+        As search, with the coarse search (top-nprobe centroids by inner product) done in C++ too.
+        """
+    def set_image_map(self, patch_to_image: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], num_images: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        int32 array indexed by patch id giving the image id (-1: removed).
+        """
+    def set_lists(self, codes: collections.abc.Sequence[numpy.ndarray], ids: collections.abc.Sequence[numpy.ndarray], images: collections.abc.Sequence[numpy.ndarray] = []) -> None:
+        """
+        One uint8 code array and one int64 id array per inverted list (views of faiss's memory), and optionally each list's int32 image ids in list order (saves a map lookup per scanned code).
+        """
+def hardware_threads() -> int:
+    """
+    Number of threads used when num_threads <= 0.
+    """
+def ivfpq_patch_scores(scanner: IVFPQScanner, query: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], probes: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32]]:
+    """
+    Test hook: every (patch id, score) the scanner computes for one query over the probed lists.
+    """
+def patch_boxes(height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, grids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], overlap: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> tuple:
+    """
+    Patch boxes of one image: (boxes int32 (P, 4) x0 y0 x1 y1, grid int32 (P,), cell int32 (P,)).
+    """
+def tile_images(images: collections.abc.Sequence, grids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], input_size: typing.SupportsInt | typing.SupportsIndex, mean: typing.Annotated[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], "FixedSize(3)"], std: typing.Annotated[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], "FixedSize(3)"], interpolation: str, overlap: typing.SupportsFloat | typing.SupportsIndex, out: numpy.ndarray, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
+    """
+    Tiles HxWx3 uint8 images into grid patches, resized (Pillow-exact) and normalised into `out` (N, 3, s, s) float32/float16 in place. Returns (boxes (P, 4), image (P,), grid (P,), cell (P,)) int32.
+    """
+MAX_GRID: int = 256
+__version__: str = '0.1.0.dev0'
