@@ -167,3 +167,46 @@ def test_embedding_cache_serves_coarser_levels(thumbnail_backbone, photos, tmp_p
     fresh.add_images(photos[:4])
     query = photos[2]
     assert [(h.image_id, h.box) for h in coarse.search(query, k=4)] == [(h.image_id, h.box) for h in fresh.search(query, k=4)]
+
+
+def _small_collection(photos) -> list[np.ndarray]:
+    """The photos at a quarter size and their mirror images: 40 images, 1200 patches at L3 (enough for a small PQ)."""
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB").reduce(4)) for p in photos]
+    return images + [np.ascontiguousarray(img[:, ::-1]) for img in images]
+
+
+@pytest.mark.parametrize("source", ["all", "salient", "gt-aligned"])
+def test_ivfpq_engine_finds_the_crop_and_survives_save_load(thumbnail_backbone, photos, tmp_path, source):
+    images = _small_collection(photos)
+    target = 8  # fruits.jpg
+    height, width = images[target].shape[:2]
+    # Exactly the top-right L1 cell: its patch vector is in the index, so even 4-bit PQ must rank it first.
+    crop = np.ascontiguousarray(images[target][: height // 2, width // 2:])
+    given = None
+    if source == "gt-aligned":
+        helper = Patchify(backbone=thumbnail_backbone, levels=0)
+        given = helper.embed_queries([np.ascontiguousarray(img[: img.shape[0] // 2, : img.shape[1] // 2])
+                                      for img in images])
+    engine = Patchify(backbone=thumbnail_backbone, levels=3, index="ivfpq", nlist=4, m=48, nbits=4, nprobe=4,
+                      training_source=source, training_vectors=given)
+    report = engine.add_images(images)
+    assert report.n_patches == 40 * 30 and engine.index.kind == "ivfpq"
+    hits = engine.search(crop, k=5)
+    assert hits[0].image_id == target and hits[0].box == (width // 2, 0, width, height // 2)
+    engine.save(tmp_path / "ivfpq")
+    loaded = Patchify.load(tmp_path / "ivfpq", backbone=thumbnail_backbone)
+    again = loaded.search(crop, k=5)
+    assert [(h.image_id, h.box) for h in again] == [(h.image_id, h.box) for h in hits]
+    assert [h.score for h in again] == pytest.approx([h.score for h in hits], abs=1e-6)
+
+
+def test_ivfpq_training_needs_enough_vectors_and_a_known_source(thumbnail_backbone, photos):
+    with pytest.raises(ValueError, match="training_source"):
+        Patchify(backbone=thumbnail_backbone, index="ivfpq", training_source="everything")
+    with pytest.raises(ValueError, match="training_vectors"):
+        Patchify(backbone=thumbnail_backbone, index="ivfpq", training_source="gt-aligned").add_images(photos[:1])
+    engine = Patchify(backbone=thumbnail_backbone, levels=0, index="ivfpq", m=8, nbits=8)
+    with pytest.raises(ValueError, match="at least"):
+        engine.add_images(photos[:3])

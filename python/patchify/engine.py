@@ -106,6 +106,7 @@ class Patchify:
         nbits: int = 8,
         nprobe: int = 16,
         training_source: str = "all",
+        training_vectors: np.ndarray | None = None,
         batch_size: int = 32,
         num_threads: int = 0,
         embedding_cache: bool | str | os.PathLike | None = None,
@@ -122,7 +123,13 @@ class Patchify:
         self.index_options: dict[str, Any] = {
             "dtype": dtype, "nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe,
         }
+        from .training import SOURCES
+
+        if training_source not in SOURCES:
+            raise ValueError(f"training_source must be one of {SOURCES}, got {training_source!r}")
         self.training_source = training_source
+        # For training_source "given" / "gt-aligned": e.g. embeddings of crops at ground-truth boxes.
+        self.training_vectors = None if training_vectors is None else np.asarray(training_vectors, np.float32)
         self.batch_size = int(batch_size)
         self.num_threads = int(num_threads)
         self.progress = progress
@@ -275,8 +282,12 @@ class Patchify:
         if not index.is_trained:
             from .training import select_training_vectors
 
+            if self.training_source in ("given", "gt-aligned") and self.training_vectors is None:
+                raise ValueError(f"training_source {self.training_source!r} needs training_vectors "
+                                 "(e.g. embeddings of crops at ground-truth boxes)")
             grids = np.concatenate([e.grid for e in encoded])
-            index.train(select_training_vectors(self.training_source, vectors, image_ids, patch_grids=grids))
+            index.train(select_training_vectors(self.training_source, vectors, image_ids, patch_grids=grids,
+                                                given=self.training_vectors))
         index.add(vectors, patch_ids, image_ids)
         for e in encoded:
             self.images.append({"id": len(self.images), "path": e.name, "width": e.width, "height": e.height})
