@@ -3,6 +3,7 @@ patch's 8x8 colour thumbnail) that lets engine tests run in milliseconds. Tests 
 say so and use the `real_backbone` fixture."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "data" / "photos"
+# The composite benchmark's source photos: the repository's, also when patchify is installed as a wheel.
+os.environ.setdefault("PATCHIFY_PHOTOS", str(PHOTOS))
 
 
 @pytest.fixture(scope="session")

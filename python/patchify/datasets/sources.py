@@ -15,7 +15,16 @@ from PIL import Image
 import os
 
 # The repository's data/photos; an installed wheel does not carry them, so PATCHIFY_PHOTOS can point there.
-PHOTOS_DIR = Path(os.environ.get("PATCHIFY_PHOTOS", Path(__file__).resolve().parents[3] / "data" / "photos"))
+def _photos_dir() -> Path:
+    if os.environ.get("PATCHIFY_PHOTOS"):
+        return Path(os.environ["PATCHIFY_PHOTOS"])
+    for candidate in (Path(__file__).resolve().parents[3] / "data" / "photos", Path.cwd() / "data" / "photos"):
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd() / "data" / "photos"
+
+
+PHOTOS_DIR = _photos_dir()
 
 # name -> (pool, key). Photos are chosen by content: object sources hold distinct things; background sources
 # are scenes and textures. pic2/pic4 and skimage colorwheel are left out: synthetic
