@@ -27,7 +27,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 2
     engine = Patchify(backbone=args.backbone, levels=args.levels, index=args.index, overlap=args.overlap,
                       batch_size=args.batch_size, num_threads=args.threads, nprobe=args.nprobe, nlist=args.nlist,
-                      m=args.m, embedding_cache=args.cache or None)
+                      m=args.m, nbits=args.nbits, embedding_cache=args.cache or None)
     started = time.perf_counter()
     report = engine.add_images(files, progress=not args.quiet)
     for skipped in report.skipped:
@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args)
     levels = [int(v) for v in args.levels.split(",")]
     indexes = [v for v in args.index.split(",") if v]
-    options = {"m": args.m, "nprobe": args.nprobe, "nlist": args.nlist}
+    options = {"m": args.m, "nbits": args.nbits, "nprobe": args.nprobe, "nlist": args.nlist}
     run = evaluate_levels(dataset, backbone=args.backbone, levels=levels, indexes=indexes, index_options=options,
                           embedding_cache=args.cache or True, num_threads=args.threads, progress=not args.quiet)
     print(f"\n{dataset.name}: {len(dataset.database)} database images, {dataset.n_queries} queries; "
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--index", default="flat", help="flat, ivfpq, or a faiss factory string like IVF1024,PQ48")
     index.add_argument("--nlist", type=int, default=None)
     index.add_argument("--m", type=int, default=48)
+    index.add_argument("--nbits", type=int, default=8)
     index.add_argument("--nprobe", type=int, default=16)
     index.add_argument("--overlap", type=float, default=0.0)
     index.add_argument("--batch-size", type=int, default=32)
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--backbone", default=DEFAULT_BACKBONE)
     evaluate.add_argument("--nlist", type=int, default=None)
     evaluate.add_argument("--m", type=int, default=48)
+    evaluate.add_argument("--nbits", type=int, default=8)
     evaluate.add_argument("--nprobe", type=int, default=16)
     evaluate.add_argument("--threads", type=int, default=0)
     evaluate.add_argument("--cache", default=None, help="embedding cache folder (default: the user cache)")
