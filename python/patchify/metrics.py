@@ -140,31 +140,38 @@ def average_precision(ranking: Sequence[Hashable], positives: Iterable[Hashable]
     return _ap_from_ranks(positive_ranks(ranking, pos, junk, scores=scores, ties=ties), len(pos), variant)
 
 
-def average_precision_at_k(ranking: Sequence[Hashable], positives: Iterable[Hashable], k: int,
-                           junk: Iterable[Hashable] = (), *, scores: Sequence[float] | None = None,
-                           ties: str = "pessimistic") -> float:
-    """AP@k = sum of precision at each positive within the first k / min(n_pos, k); ``nan`` without positives."""
+def _ranks_for_cutoff(ranking: Sequence[Hashable], positives: Iterable[Hashable], k: int, junk: Iterable[Hashable],
+                      scores: Sequence[float] | None, ties: str) -> tuple[np.ndarray, int] | None:
+    """(0-based ranks of the retrieved positives, number of positives) for the @k metrics; None without positives."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     pos = set(positives) - set(junk)
     if not pos:
+        return None
+    return positive_ranks(ranking, pos, junk, scores=scores, ties=ties), len(pos)
+
+
+def average_precision_at_k(ranking: Sequence[Hashable], positives: Iterable[Hashable], k: int,
+                           junk: Iterable[Hashable] = (), *, scores: Sequence[float] | None = None,
+                           ties: str = "pessimistic") -> float:
+    """AP@k = sum of precision at each positive within the first k / min(n_pos, k); ``nan`` without positives."""
+    found = _ranks_for_cutoff(ranking, positives, k, junk, scores, ties)
+    if found is None:
         return math.nan
-    ranks = positive_ranks(ranking, pos, junk, scores=scores, ties=ties)
+    ranks, n_pos = found
     ranks = ranks[ranks < k]
     j = np.arange(1, len(ranks) + 1, dtype=np.float64)
-    return float((j / (ranks + 1.0)).sum() / min(len(pos), k))
+    return float((j / (ranks + 1.0)).sum() / min(n_pos, k))
 
 
 def recall_at_k(ranking: Sequence[Hashable], positives: Iterable[Hashable], k: int,
                 junk: Iterable[Hashable] = (), *, scores: Sequence[float] | None = None,
                 ties: str = "pessimistic") -> float:
     """1.0 if a positive is among the first k (junk removed), else 0.0; ``nan`` without positives."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    pos = set(positives) - set(junk)
-    if not pos:
+    found = _ranks_for_cutoff(ranking, positives, k, junk, scores, ties)
+    if found is None:
         return math.nan
-    ranks = positive_ranks(ranking, pos, junk, scores=scores, ties=ties)
+    ranks, _ = found
     return float(len(ranks) > 0 and ranks[0] < k)
 
 
