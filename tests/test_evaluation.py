@@ -40,6 +40,8 @@ def test_levels_are_evaluated_from_one_encoding(tiny_benchmark, thumbnail_backbo
     data = json.loads(written["json"].read_text())
     assert [r["level"] for r in data["results"]] == [0, 2]
     assert "flat_L2" in data["high_ap_low_locscore"]
+    page = written["report"].read_text()
+    assert page.count("<h2>") == min(4, tiny_benchmark.n_queries) and "data:image/png;base64," in page
     assert written["levels_flat"].stat().st_size > 1000 and written["ap_vs_loc_flat"].stat().st_size > 1000
     table = run.table()
     assert "L0" in table and "L2" in table and "LocScore" in table

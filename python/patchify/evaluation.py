@@ -34,6 +34,7 @@ class LevelResult:
     index_bytes: int
     build_seconds: float
     search_seconds: float
+    hits: list = field(default_factory=list, repr=False)  # per query, for the visual report
 
     @property
     def summary(self) -> dict[str, float]:
@@ -139,7 +140,7 @@ def evaluate_levels(
             index = engine.index
             result = LevelResult(level=level, index=kind, evaluation=evaluation, n_patches=added.n_patches,
                                  index_bytes=int(index.nbytes()) if index is not None else 0,
-                                 build_seconds=build_seconds, search_seconds=search_seconds)
+                                 build_seconds=build_seconds, search_seconds=search_seconds, hits=hits)
             run.results.append(result)
             s = result.summary
             log(f"{kind} L{level}: mAP {s['mAP']:.4f}  LocScore {s['LocScore']:.4f}  R@1 {s['R@1']:.4f}")
@@ -166,6 +167,8 @@ def write_outputs(run: EvaluationRun, out_dir: Path, dataset: "RetrievalDataset"
     }
     results_path.write_text(json.dumps(data, indent=2) + "\n")
     written["json"] = results_path
+    written["report"] = write_visual_report(finest[next(iter(finest))], dataset, out_dir / "report.html",
+                                            n_queries=report_queries, ap_min=ap_min, loc_max=loc_max)
     for kind in finest:
         by_level = {f"L{r.level}": r.summary for r in run.results if r.index == kind}
         written[f"levels_{kind}"] = plot_levels(by_level, out_dir / f"levels_{kind}.png")
@@ -173,3 +176,24 @@ def write_outputs(run: EvaluationRun, out_dir: Path, dataset: "RetrievalDataset"
                                                             out_dir / f"ap_vs_locscore_{kind}.png",
                                                             ap_min=ap_min, loc_max=loc_max)
     return written
+
+
+def write_visual_report(result: LevelResult, dataset: "RetrievalDataset", path: Path, *, n_queries: int = 4,
+                        ap_min: float = 0.8, loc_max: float = 0.3, k: int = 5) -> Path:
+    """Self-contained HTML of chosen queries' top-k with winning boxes and ground-truth boxes: first the queries
+    found by the wrong patch (high AP, low LocScore), then the best and the worst by AP."""
+    from .report import high_ap_low_loc, save_report_html
+
+    by_name = {str(q.query): i for i, q in enumerate(result.evaluation.queries)}
+    chosen = [by_name[str(q.query)] for q in high_ap_low_loc(result.evaluation, ap_min=ap_min, loc_max=loc_max)]
+    ranked = [i for i in np.argsort(-np.nan_to_num(result.evaluation.ap, nan=-1.0)) if i not in chosen]
+    while len(chosen) < min(n_queries, len(ranked) + len(chosen)) and ranked:
+        chosen.append(int(ranked.pop(0)))
+        if len(chosen) < n_queries and ranked:
+            chosen.append(int(ranked.pop()))
+    chosen = chosen[:n_queries]
+    gts = [{str(dataset.database[i]): boxes for i, boxes in dataset.boxes[q].items()} for q in chosen]
+    summary = {"level": f"L{result.level}", "index": result.index, **result.summary}
+    return save_report_html(path, [_query_pixels(dataset, q) for q in chosen], [result.hits[q] for q in chosen],
+                            groundtruth_boxes=gts, k=k, summary=summary,
+                            title=f"{dataset.name}: top-{k} at L{result.level} ({result.index})")
