@@ -154,7 +154,8 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
         n_train = min(len(x), max(need, 40 * nlist))
         index.train(select_training_vectors("all", x, image_ids, max_vectors=n_train, seed=cfg["seed"]))
         index.add(x, patch_ids, image_ids)
-        out.update(nlist=nlist, n_train=n_train)
+        # coarse centroids + PQ codebooks: per index, not per image (index.nbytes() leaves them out)
+        out.update(nlist=nlist, n_train=n_train, fixed_bytes=(nlist * dim + 256 * dim) * 4)
     else:
         index = FlatIndex(dim, dtype="float32" if kind == "flat_f32" else "float16", num_threads=threads)
         index.add(x, patch_ids, image_ids)
