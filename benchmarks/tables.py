@@ -140,8 +140,13 @@ def suite_markdown(runs: dict[str, Any], out: Path) -> str:
         lines += [f"## {title} ({run['date'][:10]})", "", "```", run["command"], "```", "",
                   f"Machine: {run.get('machine', '?')}; load average {run['load_average_before']:.1f} at the start; "
                   f"{run['date']} UTC; {run['seconds']:.0f} s.", ""]
-        if run.get("status") != "ok" or not path.exists():
+        if not path.exists():
             lines += [f"Not measured: {run.get('status')}.", ""]
             continue
-        lines += render(json.loads(path.read_text())) + [""]
+        if run.get("status") != "ok":  # e.g. stopped at the time limit after writing some rows
+            lines += [f"Incomplete ({run.get('status')}): the figures it wrote before stopping.", ""]
+        try:
+            lines += render(json.loads(path.read_text())) + [""]
+        except (KeyError, ValueError, ZeroDivisionError) as exc:  # a partial file of a benchmark that died
+            lines += [f"Not measured: {run.get('status')}; its JSON is incomplete ({exc!r}).", ""]
     return "\n".join(lines)
