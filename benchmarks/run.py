@@ -47,16 +47,16 @@ class Benchmark:
 # Full arguments are sized to stay under ~10 minutes each on the 2-core CI machine (search_scaling: ~12 min when
 # the machine is shared, hence its longer limit). Left out of the full run: bench_ivfpq at 100k images (~11 min to
 # train and fill, see RESULTS.md) and the 1M search-scaling rows (--million: tens of GB).
-SUITE = (
+SUITE = (  # the new end-to-end benchmarks first: if time runs out, the older ones are in RESULTS.md
+    Benchmark("indexing", "bench_indexing.py", (), ("--skip-real", "--cheap-images", "4", "--repeats", "1",
+                                                    "--levels", "0", "2"), needs_backbone=True),
+    Benchmark("search_scaling", "bench_search_scaling.py", (), ("--quick",), timeout_min=20.0),
     Benchmark("tiler", "bench_tiler.py", (), ("--max-level", "1", "--repeats", "1")),
     Benchmark("flat", "bench_flat.py", ("--images", "100000", "--repeats", "40"),
               ("--images", "2000", "--dim", "64", "--repeats", "5", "--batch-repeats", "1")),
     Benchmark("ivfpq", "bench_ivfpq.py", ("--images", "20000", "--nlist", "2048"),
               ("--images", "2000", "--dim", "64", "--m", "16", "--nlist", "64", "--queries", "20", "--batches", "1",
                "--rounds", "1", "--train-iterations", "3")),
-    Benchmark("indexing", "bench_indexing.py", (), ("--skip-real", "--cheap-images", "4", "--repeats", "1",
-                                                    "--levels", "0", "2"), needs_backbone=True),
-    Benchmark("search_scaling", "bench_search_scaling.py", (), ("--quick",), timeout_min=20.0),
 )
 CHEAP = ("tiler", "flat", "ivfpq")  # no model, seconds in --quick: what benchmarks/test_bench_suite.py runs
 
