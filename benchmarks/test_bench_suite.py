@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 import tables  # noqa: E402
 
-# run.CHEAP (tiler, flat, ivfpq) plus indexing, which run.py's quick arguments limit to the cheap encoder.
-QUICK = (*run.CHEAP, "indexing")
+# run.CHEAP (tiler, flat, ivfpq), plus indexing (run.py's quick arguments limit it to the cheap encoder) and the
+# search-scaling smoke config (2000 images, d=64; ~10 s): every benchmark of the suite but the real backbone.
+QUICK = (*run.CHEAP, "indexing", "search_scaling")
 
 
 def test_quick_suite_writes_json_and_tables(tmp_path):
