@@ -77,6 +77,21 @@ def group_top_images(D: np.ndarray, I: np.ndarray, patch_image: np.ndarray, k: i
     return out
 
 
+def smallest_k_prime(index: IVFPQIndex, q: np.ndarray, k: int, limit: int = 1 << 17) -> int:
+    """k' for (b): the smallest power of two whose grouped top-k equals the fused top-k for every query (the
+    index's faiss_index must have the same nprobe as the index)."""
+    _, fused_imgs, _ = index.search(q, k)
+    patch_map = index._map.astype(np.int64)
+    candidate = k
+    while candidate <= limit:
+        D, I = index.faiss_index.search(q, candidate)
+        if np.array_equal(group_top_images(D, I, patch_map, k), fused_imgs):
+            return candidate
+        candidate *= 2
+    print(f"warning: no k' <= {candidate // 2} reproduces the fused top-{k} for every query", flush=True)
+    return candidate // 2
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1e3, q))
 
@@ -154,19 +169,7 @@ def main() -> None:
     k = args.k
     index.search(q[:2], k)  # builds the list views once (as after any add/remove), not part of a search
 
-    # k' for (b): smallest power of two whose grouped top-k equals the fused top-k for every query.
-    _, fused_imgs, _ = index.search(q, k)
-    k_prime = None
-    candidate = k
-    while candidate <= 1 << 17:
-        D, I = ivf.search(q, candidate)
-        if np.array_equal(group_top_images(D, I, index._map.astype(np.int64), k), fused_imgs):
-            k_prime = candidate
-            break
-        candidate *= 2
-    if k_prime is None:
-        k_prime = candidate // 2
-        print(f"warning: no k' <= {k_prime} reproduces the fused top-{k} for every query", flush=True)
+    k_prime = smallest_k_prime(index, q, k)
     patch_map = index._map.astype(np.int64)
     print(f"(b) needs k' = {k_prime} patches for the same top-{k} images", flush=True)
 

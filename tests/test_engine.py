@@ -45,6 +45,17 @@ def test_patch_counts_per_level(thumbnail_backbone, photos):
         assert report.n_patches == engine.n_patches == 2 * per_image
 
 
+def test_add_report_times_each_stage(thumbnail_backbone, photos):
+    engine = Patchify(backbone=thumbnail_backbone, levels=2, batch_size=16)  # several chunks: prefetch overlaps
+    report = engine.add_images(photos[:6])
+    stages = ("decode", "tile", "encode", "index")
+    assert set(stages) <= set(report.timings) and "decode_cpu" in report.timings
+    assert all(report.timings[name] >= 0.0 for name in report.timings)
+    assert report.timings["decode_cpu"] > 0.0 and report.timings["encode"] > 0.0 and report.timings["index"] > 0.0
+    # Main-thread wall-clock stages cannot add up to more than the whole call (slack for timer granularity).
+    assert sum(report.timings[name] for name in stages) <= report.seconds + 1e-3
+
+
 def test_bad_files_are_skipped_with_reasons_and_nothing_else_is_lost(thumbnail_backbone, photos, tmp_path):
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(photos[0].read_bytes()[:1500])

@@ -52,13 +52,20 @@ class SkippedImage:
 @dataclass
 class AddReport:
     """What `add_images` did: ids of the images added (in input order), patches added, and every input that was
-    skipped with the reason. Nothing else is lost when a file is bad."""
+    skipped with the reason. Nothing else is lost when a file is bad.
+
+    `timings` says where the `seconds` went, in seconds per stage. "decode", "tile", "encode" and "index" are
+    wall-clock time of the calling thread, so they add up to at most `seconds`; "decode" is the time it *waited*
+    for decoded images (decoding runs in worker threads, overlapped with encoding). "decode_cpu" is the decode
+    time summed over the worker threads (cache look-ups included): it can exceed the wait, and `seconds`."""
 
     image_ids: list[int] = field(default_factory=list)
     n_patches: int = 0
     skipped: list[SkippedImage] = field(default_factory=list)
     seconds: float = 0.0
     from_cache: int = 0
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"decode": 0.0, "decode_cpu": 0.0, "tile": 0.0, "encode": 0.0, "index": 0.0})
 
     @property
     def n_images(self) -> int:
@@ -197,7 +204,9 @@ class Patchify:
         for item in self._encode_database(sources, report, self.progress if progress is None else progress):
             encoded.append(item)
         if encoded:
+            index_started = time.perf_counter()
             self._index_encoded(encoded, report)
+            report.timings["index"] += time.perf_counter() - index_started
         report.seconds = time.perf_counter() - started
         return report
 
@@ -209,7 +218,10 @@ class Patchify:
         bar = tqdm(total=len(sources), unit="img", desc="indexing", disable=not progress)
         with ThreadPoolExecutor(max_workers=max(1, min(4, _core.hardware_threads()))) as pool:
             chunks = [sources[i:i + chunk] for i in range(0, len(sources), chunk)]
-            for loaded in _prefetch(pool, lambda c: [self._read(s) for s in c], chunks, ahead=2):
+            waited = time.perf_counter()
+            for loaded, decode_seconds in _prefetch(pool, self._read_chunk, chunks, ahead=2):
+                report.timings["decode"] += time.perf_counter() - waited
+                report.timings["decode_cpu"] += decode_seconds
                 fresh = [item for item in loaded if isinstance(item, tuple)]
                 encoded = iter(self._encode_pixels(fresh, report))
                 for item in loaded:  # keep input order: cache hits and fresh encodings interleave
@@ -223,7 +235,15 @@ class Patchify:
                         if result is not None:
                             yield result
                 bar.update(len(loaded))
+                # Restarted after the consumer has used the chunk: the next wait is for decoding alone.
+                waited = time.perf_counter()
         bar.close()
+
+    def _read_chunk(self, sources: list[ImageSource]) -> tuple[list[Any], float]:
+        """Runs in a worker thread: `_read` for each source, and the seconds it took (summed by the caller, so
+        no shared counter needs a lock)."""
+        started = time.perf_counter()
+        return [self._read(s) for s in sources], time.perf_counter() - started
 
     def _read(self, source: ImageSource) -> "SkippedImage | _Encoded | tuple[str, np.ndarray, str | None]":
         """Decoded pixels, a cache hit, or the reason the source is unusable."""
@@ -251,16 +271,21 @@ class Patchify:
         if not items:
             return []
         backbone = self.backbone
+        started = time.perf_counter()
         try:
             batch = tile_images([pixels for _, pixels, _ in items], self.grids, backbone.preprocess,
                                 overlap=self.overlap, num_threads=self.num_threads)
         except ValueError as exc:
+            report.timings["tile"] += time.perf_counter() - started  # the retries below time themselves
             # One bad image (e.g. smaller than the finest grid) must not sink its neighbours: retry one by one.
             if len(items) == 1:
                 report.skipped.append(SkippedImage(items[0][0], str(exc)))
                 return [None]
             return [self._encode_pixels([item], report)[0] for item in items]
+        tiled = time.perf_counter()
+        report.timings["tile"] += tiled - started
         vectors = backbone.encode(batch.pixels, batch_size=self.batch_size)
+        report.timings["encode"] += time.perf_counter() - tiled
         cache = self._embedding_cache()
         results: list[_Encoded | None] = []
         for i, (name, pixels, key) in enumerate(items):
