@@ -8,4 +8,4 @@ build="$root/build/cpp-tests"
 cmake -S . -B "$build" -DPATCHIFY_BUILD_PYTHON=OFF -DPATCHIFY_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j "$(nproc)"
 (cd "$build" && ctest --output-on-failure)
-python -m pytest tests "$@"
+python -m pytest tests benchmarks "$@"  # benchmarks: each pytest-benchmark case runs once, as a smoke test
