@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _source_tree  # noqa: E402,F401  (python/ on sys.path only for an in-place build)
 
 from patchify import Patchify  # noqa: E402
 from patchify.images import list_image_files  # noqa: E402

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _source_tree  # noqa: E402,F401  (python/ on sys.path only for an in-place build)
 
 from patchify.index.ivfpq import IVFPQIndex  # noqa: E402
 from patchify.training import select_training_vectors  # noqa: E402

@@ -44,7 +44,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "python"))
+import _source_tree  # noqa: E402,F401  (python/ on sys.path only for an in-place build)
 
 from bench_flat import faiss_search_fn, latency, throughput  # noqa: E402
 from bench_ivfpq import GRID_LEVEL_PATCHES, group_top_images, make_queries, smallest_k_prime, synthetic  # noqa: E402

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _source_tree  # noqa: E402,F401  (python/ on sys.path only for an in-place build)
 
 from patchify.images import list_image_files, load_rgb  # noqa: E402
 from patchify.preprocess import Preprocess  # noqa: E402

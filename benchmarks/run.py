@@ -79,8 +79,11 @@ def run_one(bench: Benchmark, quick: bool, out: Path, timeout_s: float) -> dict:
     json_path = out / f"suite_{bench.name}.json"
     args = [*(bench.quick if quick else bench.full), "--json", str(json_path)]
     shown = f"python benchmarks/{bench.script} {shlex.join(args)}".replace(str(ROOT) + "/", "")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "python"),
-                                                                    os.environ.get("PYTHONPATH")]))}
+    from _source_tree import HAS_INPLACE_BUILD, SOURCE
+
+    # The scripts import the same patchify as this process: the in-place build if there is one, else the installed.
+    paths = [str(SOURCE)] if HAS_INPLACE_BUILD else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
     record = {"name": bench.name, "command": shown, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
               "load_average_before": os.getloadavg()[0]}
     print(f"== {bench.name}: {shown}", flush=True)
