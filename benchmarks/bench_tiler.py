@@ -39,6 +39,34 @@ def best_of(repeats: int, fn) -> float:
     return min(times)
 
 
+def measure_level(images: list[np.ndarray], level: int, preprocess: Preprocess, repeats: int) -> dict:
+    """Patches/s of the C++ tiler (1 and 2 threads) and of the Pillow per-patch reference over the same patches
+    at one grid level, and the largest difference between the two outputs."""
+    pil_images = [Image.fromarray(img) for img in images]
+    size = preprocess.input_size
+    grids = grid_sizes(level)
+    n = len(images) * patches_per_image(grids)
+    out = np.empty((n, 3, size, size), np.float32)  # preallocated, as the engine reuses batches
+    tile_images(images, grids, preprocess, out=out, num_threads=1)  # warm up (page faults, clone dispatch)
+    cpp1 = best_of(repeats, lambda: tile_images(images, grids, preprocess, out=out, num_threads=1))
+    cpp2 = best_of(repeats, lambda: tile_images(images, grids, preprocess, out=out, num_threads=2))
+    batch = tile_images(images, grids, preprocess, out=out, num_threads=2)
+    reference = np.empty_like(out)
+
+    def pillow() -> None:
+        for k in range(n):
+            reference[k] = pillow_reference_patch(pil_images[int(batch.image_index[k])], batch.boxes[k], preprocess)
+
+    ref_seconds = best_of(max(1, repeats - 1), pillow)
+    return {
+        "level": level, "grids": list(grids), "patches": n,
+        "cpp_1thread_patches_per_s": n / cpp1, "cpp_2threads_patches_per_s": n / cpp2,
+        "pillow_patches_per_s": n / ref_seconds,
+        "speedup_1thread": ref_seconds / cpp1, "speedup_2threads": ref_seconds / cpp2,
+        "max_abs_diff": float(np.abs(reference - batch.pixels).max()),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=Path, default=ROOT / "data" / "photos")
@@ -54,7 +82,6 @@ def main() -> int:
         print(f"error: no photos in {args.photos}", file=sys.stderr)
         return 2
     images = [load_rgb(p) for p in paths]
-    pil_images = [Image.fromarray(img) for img in images]
     preprocess = Preprocess(input_size=args.size, interpolation=args.interpolation)
     pixels = sum(img.shape[0] * img.shape[1] for img in images)
     print(f"{len(images)} photos from {args.photos} ({pixels / len(images) / 1e3:.0f} kpixel average), "
@@ -64,30 +91,9 @@ def main() -> int:
 
     rows = []
     for level in range(args.max_level + 1):
-        grids = grid_sizes(level)
-        n = len(images) * patches_per_image(grids)
-        out = np.empty((n, 3, args.size, args.size), np.float32)  # preallocated, as the engine reuses batches
-        tile_images(images, grids, preprocess, out=out, num_threads=1)  # warm up (page faults, clone dispatch)
-        cpp1 = best_of(args.repeats, lambda: tile_images(images, grids, preprocess, out=out, num_threads=1))
-        cpp2 = best_of(args.repeats, lambda: tile_images(images, grids, preprocess, out=out, num_threads=2))
-        batch = tile_images(images, grids, preprocess, out=out, num_threads=2)
-
-        reference = np.empty_like(out)
-
-        def pillow() -> None:
-            for k in range(n):
-                reference[k] = pillow_reference_patch(pil_images[int(batch.image_index[k])], batch.boxes[k],
-                                                      preprocess)
-
-        ref_seconds = best_of(max(1, args.repeats - 1), pillow)
-        max_diff = float(np.abs(reference - batch.pixels).max())
-        row = {
-            "level": level, "grids": list(grids), "patches": n,
-            "cpp_1thread_patches_per_s": n / cpp1, "cpp_2threads_patches_per_s": n / cpp2,
-            "pillow_patches_per_s": n / ref_seconds,
-            "speedup_1thread": ref_seconds / cpp1, "speedup_2threads": ref_seconds / cpp2,
-            "max_abs_diff": max_diff,
-        }
+        row = measure_level(images, level, preprocess, args.repeats)
+        max_diff = row["max_abs_diff"]
+        n = row["patches"]
         rows.append(row)
         print(f"{'L' + str(level):>5} {n:>8} {row['cpp_1thread_patches_per_s']:>10.0f} "
               f"{row['cpp_2threads_patches_per_s']:>10.0f} {row['pillow_patches_per_s']:>8.0f} "

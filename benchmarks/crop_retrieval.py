@@ -20,7 +20,6 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,31 +54,17 @@ def box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
     return inter / union if union else 0.0
 
 
-def tiler_throughput(photos: list[Path], levels: int, preprocess, repeats: int = 3) -> dict[str, float]:
-    """Patches/s of the C++ tiler (1 thread and all threads) and of a Pillow per-patch crop + resize + normalise
-    reference over the same patches; best of `repeats` runs each, so a busy machine hurts both sides alike."""
+def tiler_throughput(photos: list[Path], level: int, preprocess, repeats: int = 3) -> dict[str, float]:
+    """The C++ tiler against the Pillow per-patch reference on these photos (bench_tiler.py's measurement)."""
+    from bench_tiler import measure_level
+
     from patchify.images import load_rgb
-    from patchify.tiling import grid_sizes, pillow_reference_patch, tile_images
 
-    images = [load_rgb(p) for p in photos]
-    grids = grid_sizes(levels)
-
-    def best_seconds(work) -> float:
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    batch = tile_images(images, grids, preprocess)
-    n = len(batch.boxes)
-    one_thread = best_seconds(lambda: tile_images(images, grids, preprocess, out=batch.pixels, num_threads=1))
-    all_threads = best_seconds(lambda: tile_images(images, grids, preprocess, out=batch.pixels))
-    patches = [(images[int(i)], tuple(int(v) for v in box)) for i, box in zip(batch.image_index, batch.boxes)]
-    pillow = best_seconds(lambda: [pillow_reference_patch(img, box, preprocess) for img, box in patches])
-    return {"patches": n, "cpp_1thread_patches_per_s": n / one_thread, "cpp_patches_per_s": n / all_threads,
-            "pillow_patches_per_s": n / pillow, "ratio_1thread": pillow / one_thread, "ratio": pillow / all_threads}
+    row = measure_level([load_rgb(p) for p in photos], level, preprocess, repeats)
+    return {"patches": row["patches"], "cpp_1thread_patches_per_s": row["cpp_1thread_patches_per_s"],
+            "cpp_patches_per_s": row["cpp_2threads_patches_per_s"], "pillow_patches_per_s": row["pillow_patches_per_s"],
+            "ratio_1thread": row["speedup_1thread"], "ratio": row["speedup_2threads"],
+            "max_abs_diff": row["max_abs_diff"]}
 
 
 def main() -> int:
