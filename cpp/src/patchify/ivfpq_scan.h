@@ -3,8 +3,9 @@
 //
 // Why fused: faiss returns a patch-level top-k. To get the top-k images one would have to ask faiss for a much
 // larger k' (an image owns many patches, all near each other) and group in numpy, paying for a big heap and a
-// Python pass. Here each scanned code updates a dense per-image "best so far" array instead, and the top-k is
-// taken over the touched images only.
+// Python pass. Here, for k <= kSmallTopK, the scan keeps the top-k distinct images directly (SmallTopImages: a
+// code below the k-th best image's score is skipped after one compare, like faiss's heap test); for larger k each
+// scanned code updates a dense per-image "best so far" array and the top-k is taken over the touched images.
 //
 // Arithmetic follows faiss's IVFPQScanner for METRIC_INNER_PRODUCT with by_residual:
 //   score(q, code in list l) = <q, coarse_centroid[l]> + sum_m table[m][code[m]],
