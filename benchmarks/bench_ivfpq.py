@@ -3,6 +3,13 @@
     python benchmarks/bench_ivfpq.py                      # 100k images x 14 patches, d=384, nlist 4096, M=48
     python benchmarks/bench_ivfpq.py --images 1000000     # the 1M target, if memory/time allow
     python benchmarks/bench_ivfpq.py --images 20000 --json out.json
+    python benchmarks/bench_ivfpq.py --images 1000000 --stream --cache /tmp/ivfpq_cache --json out.json
+        # streamed: vectors generated in seeded chunks, trained on a subsample, added chunk by chunk; only the
+        # codes are kept (~64 B/patch), so 1M images x 14 patches fits in ~1 GB instead of 21.5 GB
+
+--stream (automatic above 4 GB of raw vectors) generates a different, equally distributed database than the
+in-memory path (per-chunk seeds so any chunk can be regenerated alone); queries are noisy copies of random
+database patches in both.
 
 Compared at equal nprobe, all three on the same faiss index:
   fused : IVFPQIndex.search - faiss coarse search, then the C++ scanner returns the top-10 *images* directly.
@@ -54,6 +61,31 @@ def synthetic(n_images: int, per_image: int, dim: int, seed: int, chunk: int = 2
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[start * per_image:(start + n) * per_image] = x
     return out
+
+
+def stream_chunk(themes: np.ndarray, chunk_no: int, chunk_images: int, n_images: int, per_image: int,
+                 seed: int, image_spread: float = 0.9) -> np.ndarray:
+    """Chunk `chunk_no` of the streamed database (images [chunk_no * chunk_images, ...)): the same model as
+    synthetic(), seeded by (seed, chunk_no) so that each chunk is reproducible on its own."""
+    start = chunk_no * chunk_images
+    n = min(chunk_images, n_images - start)
+    rng = np.random.default_rng([seed, 1 + chunk_no])
+    dim = themes.shape[1]
+    centres = themes[rng.integers(0, len(themes), n)] + 0.8 * rng.standard_normal((n, dim), dtype=np.float32)
+    x = np.repeat(centres, per_image, axis=0)
+    x += image_spread * rng.standard_normal(x.shape, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def stream_themes(n_images: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0]).standard_normal((max(16, n_images // 100), dim)).astype(np.float32)
+
+
+def stream_pick(rows: np.ndarray, chunk_no: int, chunk_rows: int, x: np.ndarray, out: np.ndarray) -> None:
+    """Copy the wanted global patch rows that fall in this chunk into out (rows sorted; out[i] <- row rows[i])."""
+    lo, hi = np.searchsorted(rows, [chunk_no * chunk_rows, (chunk_no + 1) * chunk_rows])
+    out[lo:hi] = x[rows[lo:hi] - chunk_no * chunk_rows]
 
 
 def make_queries(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -115,6 +147,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-spread", type=float, default=0.9,
                     help="patch noise around its image centre; smaller = an image's patches more alike, larger k'")
+    ap.add_argument("--stream", action="store_true",
+                    help="generate, train and add in seeded chunks without holding the raw vectors "
+                         "(automatic above 4 GB of raw vectors)")
+    ap.add_argument("--chunk-patches", type=int, default=200_000, help="patches per generated chunk (--stream)")
+    ap.add_argument("--train-vectors", type=int, default=0,
+                    help="training subsample size; 0 = max(faiss minimum, 40 per list)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder to save the trained, filled index in (and reuse it on later runs)")
@@ -131,18 +169,19 @@ def main() -> None:
     print(f"{args.images} images x {args.patches_per_image} patches = {n_patches} patches, d={args.dim}, "
           f"nlist={nlist}, M={args.m}, nprobe={args.nprobe}, threads={threads}", flush=True)
 
-    t0 = time.perf_counter()
-    x = synthetic(args.images, args.patches_per_image, args.dim, args.seed, image_spread=args.image_spread)
-    patch_image = np.repeat(np.arange(args.images, dtype=np.int64), args.patches_per_image)
-    t_gen = time.perf_counter() - t0
-
+    raw_bytes = n_patches * args.dim * 4
+    stream = args.stream or raw_bytes > 4 * 2**30
+    n_q = max(args.queries, args.batch * args.batches)
     tag = f"ivfpq_{args.images}x{args.patches_per_image}_d{args.dim}_nl{nlist}_m{args.m}_s{args.seed}"
     if args.image_spread != 0.9:
         tag += f"_sp{args.image_spread}"
+    if stream:
+        tag += f"_stream{args.chunk_patches}_it{args.train_iterations}"
     cache = args.cache / tag if args.cache else None
-    t_train = t_add = float("nan")
+    t_gen = t_train = t_add = float("nan")
     n_train = 0
-    if cache is not None and (cache / "ivfpq_meta.json").exists():
+    loaded = cache is not None and (cache / "ivfpq_meta.json").exists()
+    if loaded:
         index = IVFPQIndex.load(cache, num_threads=threads)
         index.nprobe = args.nprobe
         print(f"loaded the trained, filled index from {cache}", flush=True)
@@ -150,20 +189,93 @@ def main() -> None:
         index = IVFPQIndex(args.dim, nlist=nlist, m=args.m, nbits=8, nprobe=args.nprobe, num_threads=threads,
                            train_iterations=args.train_iterations)
         # faiss's minimum (39 points per centroid), a little more: k-means time grows with it.
-        n_train = min(n_patches, max(index.min_training_vectors(), 40 * nlist))
-        t0 = time.perf_counter()
-        index.train(select_training_vectors("all", x, patch_image, max_vectors=n_train, seed=args.seed))
-        t_train = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for start in range(0, n_patches, 500_000):
-            stop = min(n_patches, start + 500_000)
-            index.add(x[start:stop], np.arange(start, stop), patch_image[start:stop])
-        t_add = time.perf_counter() - t0
-        if cache is not None:
+        n_train = min(n_patches, args.train_vectors or max(index.min_training_vectors(), 40 * nlist))
+
+    if stream:
+        per = args.patches_per_image
+        chunk_images = max(1, args.chunk_patches // per)
+        chunk_rows = chunk_images * per
+        n_chunks = -(-args.images // chunk_images)
+        themes = stream_themes(args.images, args.dim, args.seed)
+        rng = np.random.default_rng([args.seed, 10**9])
+        q_rows = np.sort(rng.integers(0, n_patches, n_q))
+        q_src = np.empty((n_q, args.dim), np.float32)
+
+        def chunk(c: int) -> np.ndarray:
+            return stream_chunk(themes, c, chunk_images, args.images, per, args.seed, args.image_spread)
+
+        if loaded and (cache / "bench_queries.npy").exists():
+            q = np.load(cache / "bench_queries.npy")
+        elif loaded:  # regenerate only the chunks that hold a query's source patch
+            t0 = time.perf_counter()
+            for c in np.unique(q_rows // chunk_rows):
+                stream_pick(q_rows, int(c), chunk_rows, chunk(int(c)), q_src)
+            t_gen = time.perf_counter() - t0
+        else:
+            # Pass 1: the training subsample (random patch rows, gathered chunk by chunk), then k-means.
+            t0 = time.perf_counter()
+            # Chunks are i.i.d. given the themes, so the sample comes from the first few chunks (twice the
+            # sample size in rows) rather than from all of them (which would generate the database twice).
+            tr_span = min(n_patches, max(n_train, min(n_chunks, -(-2 * n_train // chunk_rows)) * chunk_rows))
+            tr_rows = np.sort(rng.choice(tr_span, n_train, replace=False))
+            xt = np.empty((n_train, args.dim), np.float32)
+            t_gen = 0.0
+            train_chunks = np.unique(tr_rows // chunk_rows)
+            for c in train_chunks:
+                tg = time.perf_counter()
+                x = chunk(int(c))
+                t_gen += time.perf_counter() - tg
+                stream_pick(tr_rows, int(c), chunk_rows, x, xt)
+            print(f"training sample: {n_train} vectors from {len(train_chunks)} chunks, "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+            t0 = time.perf_counter()
+            index.train(xt)
+            t_train = time.perf_counter() - t0
+            del xt
+            print(f"train {t_train:.1f}s", flush=True)
+            # Pass 2: add every chunk (regenerated: only codes stay in memory).
+            t0 = time.perf_counter()
+            t_gen1 = t_gen
+            for c in range(n_chunks):
+                tg = time.perf_counter()
+                x = chunk(c)
+                t_gen += time.perf_counter() - tg
+                stream_pick(q_rows, c, chunk_rows, x, q_src)
+                lo = c * chunk_rows
+                rows = np.arange(lo, lo + len(x))
+                index.add(x, rows, rows // per)
+                if c % 10 == 0 or c == n_chunks - 1:
+                    el = time.perf_counter() - t0
+                    print(f"  added chunk {c + 1}/{n_chunks} ({lo + len(x)} patches), {el:.0f}s, "
+                          f"eta {el / (c + 1) * (n_chunks - c - 1):.0f}s", flush=True)
+            del x
+            t_add = time.perf_counter() - t0 - (t_gen - t_gen1)
+        if not (loaded and (cache / "bench_queries.npy").exists()):
+            qr = np.random.default_rng(args.seed + 1)
+            q = q_src[qr.permutation(n_q)] + 0.05 * qr.standard_normal((n_q, args.dim), dtype=np.float32)
+            q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+        if cache is not None and not loaded:
             index.save(cache)
+            np.save(cache / "bench_queries.npy", q)
+    else:
+        t0 = time.perf_counter()
+        x = synthetic(args.images, args.patches_per_image, args.dim, args.seed, image_spread=args.image_spread)
+        patch_image = np.repeat(np.arange(args.images, dtype=np.int64), args.patches_per_image)
+        t_gen = time.perf_counter() - t0
+        if not loaded:
+            t0 = time.perf_counter()
+            index.train(select_training_vectors("all", x, patch_image, max_vectors=n_train, seed=args.seed))
+            t_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for start in range(0, n_patches, 500_000):
+                stop = min(n_patches, start + 500_000)
+                index.add(x[start:stop], np.arange(start, stop), patch_image[start:stop])
+            t_add = time.perf_counter() - t0
+            if cache is not None:
+                index.save(cache)
+        q = make_queries(x, n_q, args.seed)
+        del x  # keep only what an IVFPQ deployment keeps
     print(f"generate {t_gen:.1f}s, train {t_train:.1f}s on {n_train}, add {t_add:.1f}s", flush=True)
-    q = make_queries(x, max(args.queries, args.batch * args.batches), args.seed)
-    del x  # keep only what an IVFPQ deployment keeps
 
     ivf = index.faiss_index
     ivf.nprobe = args.nprobe
@@ -248,6 +360,7 @@ def main() -> None:
     report = {
         "config": {**{k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()}, "nlist": nlist,
                    "threads": threads, "n_patches": n_patches, "n_train": n_train, "k_prime": k_prime,
+                   "streamed": stream, "loaded_from_cache": loaded,
                    "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                    "faiss": faiss.__version__},
         "build_seconds": {"generate": t_gen, "train": t_train, "add": t_add},

@@ -3,8 +3,9 @@
 //
 // Why fused: faiss returns a patch-level top-k. To get the top-k images one would have to ask faiss for a much
 // larger k' (an image owns many patches, all near each other) and group in numpy, paying for a big heap and a
-// Python pass. Here each scanned code updates a dense per-image "best so far" array instead, and the top-k is
-// taken over the touched images only.
+// Python pass. Here, for k <= kSmallTopK, the scan keeps the top-k distinct images directly (SmallTopImages: a
+// code below the k-th best image's score is skipped after one compare, like faiss's heap test); for larger k each
+// scanned code updates a dense per-image "best so far" array and the top-k is taken over the touched images.
 //
 // Arithmetic follows faiss's IVFPQScanner for METRIC_INNER_PRODUCT with by_residual:
 //   score(q, code in list l) = <q, coarse_centroid[l]> + sum_m table[m][code[m]],
@@ -188,6 +189,56 @@ struct ImageBest {
   }
 };
 
+// Top-k *distinct images* for small k, without a per-image array: a patch scoring below the current k-th best
+// image can neither enter the top-k nor change an image already in it (that image's best is >= the k-th), so
+// it is skipped after one compare; the rare candidate above the threshold costs a linear pass over k entries.
+// At 1M images the dense array (4 MB of scores + 8 MB of patch ids) misses the cache on nearly every scanned
+// code; this keeps the working set to the codes and the tables, as faiss's own patch-level heap does.
+// Exact: gives the same images, scores and (smallest-id) best patches as the dense per-image max.
+class SmallTopImages {
+ public:
+  explicit SmallTopImages(size_t k) : k_(k) { hits_.reserve(k); }
+  float threshold() const { return threshold_; }
+  void offer(float score, int64_t image, int64_t patch) {
+    for (size_t i = 0; i < hits_.size(); ++i) {
+      ImageHit& h = hits_[i];
+      if (h.image != image) continue;
+      if (score > h.score || (score == h.score && patch < h.patch)) {
+        h.score = score;
+        h.patch = patch;
+        if (hits_.size() == k_ && i == worst_) find_worst();
+      }
+      return;
+    }
+    const ImageHit hit{score, image, patch};
+    if (hits_.size() < k_) {
+      hits_.push_back(hit);
+      if (hits_.size() == k_) find_worst();
+    } else if (better(hit, hits_[worst_])) {
+      hits_[worst_] = hit;
+      find_worst();
+    }
+  }
+  std::vector<ImageHit> take_sorted() {
+    std::sort(hits_.begin(), hits_.end(), better);
+    std::vector<ImageHit> out;
+    out.swap(hits_);
+    return out;
+  }
+
+ private:
+  void find_worst() {
+    worst_ = 0;
+    for (size_t i = 1; i < hits_.size(); ++i)
+      if (better(hits_[worst_], hits_[i])) worst_ = i;
+    threshold_ = hits_[worst_].score;
+  }
+  size_t k_;
+  size_t worst_ = 0;
+  float threshold_ = -std::numeric_limits<float>::infinity();
+  std::vector<ImageHit> hits_;
+};
+
 }  // namespace detail
 
 class IVFPQScanner {
@@ -274,6 +325,9 @@ class IVFPQScanner {
     }
   }
 
+  // k up to this uses detail::SmallTopImages (threshold-pruned, no per-image array); larger k the dense array.
+  static constexpr size_t kSmallTopK = 64;
+
   // Top-k images per query. queries: nq x dim; probes: nq x nprobe list ids from faiss's coarse quantiser, or
   // nullptr to run the native coarse search (one call, no Python in between); outputs nq x k.
   void search(const float* queries, size_t nq, const int64_t* probes, size_t nprobe, size_t k, int num_threads,
@@ -282,7 +336,6 @@ class IVFPQScanner {
     parallel_for(0, nq, num_threads, [&](size_t qi) {
       Lease lease(*this);
       Scratch& s = *lease.scratch;
-      s.best.ensure(num_images_);
       s.table.resize(M_ * ksub_);
       const float* q = queries + qi * dim_;
       const int64_t* query_probes = probes ? probes + qi * nprobe : nullptr;
@@ -293,6 +346,17 @@ class IVFPQScanner {
         query_probes = s.probes.data();
       }
       compute_table(q, s.table.data());
+      if (k <= kSmallTopK) {
+        detail::SmallTopImages top(k);
+        scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
+          if (score < top.threshold()) return;
+          if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
+          top.offer(score, img, pid);
+        });
+        write_hits(top.take_sorted(), k, out_scores + qi * k, out_images + qi * k, out_patches + qi * k);
+        return;
+      }
+      s.best.ensure(num_images_);
       float* best = s.best.score.data();
       int64_t* best_patch = s.best.patch.data();
       std::vector<int32_t>& touched = s.best.touched;
