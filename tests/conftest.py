@@ -16,6 +16,15 @@ PHOTOS = ROOT / "data" / "photos"
 os.environ.setdefault("PATCHIFY_PHOTOS", str(PHOTOS))
 
 
+def env_importing_tested_patchify() -> dict[str, str]:
+    """Environment for a subprocess that must import the same patchify as this test run (installed, or the
+    in-place build under python/)."""
+    import patchify
+
+    package_root = Path(patchify.__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")])}
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
     files = sorted(PHOTOS.glob("*"))

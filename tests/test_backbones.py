@@ -9,7 +9,6 @@ Measured on 2 CPU cores (timm 1.0.31, torch 2.14.1, onnxruntime 1.31.1):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import env_importing_tested_patchify
 from patchify.backbones import (
     BACKBONES,
     Backbone,
@@ -125,12 +125,8 @@ def test_cached_export_is_reused_without_torch(default_backbone: Backbone, backb
             f"b = load_backbone('dinov2_vits14', num_threads=1, cache_dir={str(backbone_cache)!r}); "
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'; "
             "import json; print(json.dumps(b.identity))")
-    # The subprocess must import the same patchify as this test run (installed, or the in-place build).
-    import patchify
-
-    package_root = Path(patchify.__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                            env=env_importing_tested_patchify(), timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == default_backbone.identity
 

@@ -307,9 +307,6 @@ class Patchify:
         if not index.is_trained:
             from .training import select_training_vectors
 
-            if self.training_source in ("given", "gt-aligned") and self.training_vectors is None:
-                raise ValueError(f"training_source {self.training_source!r} needs training_vectors "
-                                 "(e.g. embeddings of crops at ground-truth boxes)")
             grids = np.concatenate([e.grid for e in encoded])
             index.train(select_training_vectors(self.training_source, vectors, image_ids, patch_grids=grids,
                                                 given=self.training_vectors))

@@ -28,7 +28,7 @@ _OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 def grid_sizes(levels: int | Sequence[int] | None = None, grids: Sequence[int] | None = None) -> tuple[int, ...]:
     """The grid sizes to tile with, ascending: ``levels=L`` -> (1, ..., L+1); or an explicit ``grids`` list
-    (e.g. ``[1, 3]``). A sequence passed as ``levels`` is taken as grids (saved indexes store their grids)."""
+    (e.g. ``[1, 3]``). A sequence passed as ``levels`` is taken as grids."""
     if levels is not None and not isinstance(levels, numbers.Integral):
         if grids is not None:
             raise ValueError("give levels or grids, not both")

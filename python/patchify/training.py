@@ -119,7 +119,7 @@ def _gt_aligned_mask(boxes: tuple[np.ndarray, dict], image_ids: np.ndarray) -> n
 
 def _check_given(given: np.ndarray | None, dim: int, source: str) -> np.ndarray:
     if given is None:
-        raise ValueError(f"training source {source!r} needs given=(n, {dim}) vectors"
+        raise ValueError(f"training source {source!r} needs given=(n, {dim}) vectors (Patchify(training_vectors=...))"
                          + (" (the ground-truth crops' vectors)" if source == "gt-aligned" else ""))
     g = np.asarray(given, dtype=np.float32)
     if g.ndim != 2 or g.shape[1] != dim or len(g) == 0:
