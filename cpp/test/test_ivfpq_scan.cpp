@@ -163,9 +163,40 @@ void test_scores_and_ranking(int nbits) {
   CHECK_THROWS(s.patch_scores(q.data(), bad.data(), 1, pids, scores), std::out_of_range);
 }
 
+// The batched native coarse search (centroids walked in L2-sized chunks, queries in blocks) must pick exactly
+// the lists the one-query search picks: sizes chosen so that both the centroid chunks (dim 1024 -> 48 rows per
+// chunk) and the query blocks (16) split, with a partial last chunk and block; dim 1026 adds a scalar tail
+// (1026 % 8 = 2), chunks of 47 rows (odd: a leftover row per kernel pass) and 39 queries (a leftover trio).
+void test_batched_coarse_probe(size_t dim, size_t M, size_t nq) {
+  const size_t nlist = 100, nprobe = 7;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> g;
+  std::vector<float> coarse(nlist * dim), pq(M * 256 * (dim / M)), q(nq * dim);
+  for (auto& x : coarse) x = g(rng);
+  for (auto& x : pq) x = g(rng);
+  for (auto& x : q) x = g(rng);
+  patchify::IVFPQScanner s(dim, nlist, M, 8, coarse.data(), pq.data());
+  for (int threads : {1, 2}) {
+    std::vector<int64_t> batch(nq * nprobe);
+    s.coarse_probe_batch(q.data(), nq, nprobe, threads, batch.data());
+    std::vector<float> scratch(nlist);
+    std::vector<int64_t> one(nprobe);
+    for (size_t qi = 0; qi < nq; ++qi) {
+      s.coarse_probe(q.data() + qi * dim, nprobe, scratch.data(), one.data());
+      for (size_t j = 0; j < nprobe; ++j) CHECK(batch[qi * nprobe + j] == one[j]);
+    }
+  }
+  // nprobe > nlist pads with -1 like faiss.
+  std::vector<int64_t> padded(2 * (nlist + 3));
+  s.coarse_probe_batch(q.data(), 2, nlist + 3, 1, padded.data());
+  CHECK(padded[nlist] == -1 && padded[nlist + 2] == -1 && padded[nlist - 1] >= 0);
+}
+
 }  // namespace
 
 int main() {
+  test_batched_coarse_probe(1024, 8, 40);
+  test_batched_coarse_probe(1026, 6, 39);
   test_scores_and_ranking(8);
   test_scores_and_ranking(5);  // bit-packed codes, the generic decoder
   CHECK_THROWS(patchify::IVFPQScanner(10, 1, 3, 8, nullptr, nullptr), std::invalid_argument);
