@@ -465,15 +465,11 @@ class IVFPQScanner {
       compute_table(q, s.table.data());
       if (k <= kSmallTopK) {
         detail::SmallTopImages top(k);
-        if (nbits_ == 8 && M_ >= 8) {
-          scan_top_images_pruned(q, query_probes, nprobe, s.table.data(), top);
-        } else {
-          scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
-            if (score < top.threshold()) return;
-            if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
-            top.offer(score, img, pid);
-          });
-        }
+        scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
+          if (score < top.threshold()) return;
+          if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
+          top.offer(score, img, pid);
+        });
         write_hits(top.take_sorted(), k, out_scores + qi * k, out_images + qi * k, out_patches + qi * k);
         return;
       }
@@ -591,117 +587,6 @@ class IVFPQScanner {
       const float* t = table;
       for (size_t m = 0; m < M; ++m, t += 256) s += t[c[m]];
       visit(list.ids[j], image_of(list, j), dis0 + s);
-    }
-  }
-
-  // EXPERIMENT (reverted: no measurable gain, see benchmarks/RESULTS.md): early abandoning for the top-k path.
-  // After h sub-quantisers a code can gain at most tail[h] = sum_{m >= h} max_c table[m][c]; a code whose
-  // partial sum plus that bound (plus a rounding slack) is below the k-th image score is dropped. Blocks of 64
-  // codes are summed to M/2, survivors to 2M/3 and 5M/6, the rest to M, in the unpruned summation order.
-  struct PruneBounds {
-    size_t stops[3];
-    float tail[3];
-    float abs_sum;
-  };
-
-  PruneBounds prune_bounds(const float* table) const {
-    PruneBounds b{{M_ / 2, (2 * M_) / 3, (5 * M_) / 6}, {0.f, 0.f, 0.f}, 0.f};
-    double tail[3] = {0.0, 0.0, 0.0};
-    double abs_sum = 0.0;
-    for (size_t m = 0; m < M_; ++m) {
-      const float* t = table + m * ksub_;
-      float hi = t[0], lo = t[0];
-      for (size_t c = 1; c < ksub_; ++c) {
-        hi = std::max(hi, t[c]);
-        lo = std::min(lo, t[c]);
-      }
-      abs_sum += std::max(std::fabs(hi), std::fabs(lo));
-      for (int s = 0; s < 3; ++s)
-        if (m >= b.stops[s]) tail[s] += hi;
-    }
-    for (int s = 0; s < 3; ++s) b.tail[s] = static_cast<float>(tail[s]);
-    b.abs_sum = static_cast<float>(abs_sum);
-    return b;
-  }
-
-  void add_range(const uint8_t* codes, const uint32_t* rows, size_t n, const float* table, size_t m0, size_t m1,
-                 float* partial) const {
-    const size_t M = M_;
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-      const uint8_t* c0 = codes + rows[i] * M;
-      const uint8_t* c1 = codes + rows[i + 1] * M;
-      const uint8_t* c2 = codes + rows[i + 2] * M;
-      const uint8_t* c3 = codes + rows[i + 3] * M;
-      float s0 = partial[rows[i]], s1 = partial[rows[i + 1]], s2 = partial[rows[i + 2]], s3 = partial[rows[i + 3]];
-      const float* t = table + m0 * 256;
-      for (size_t m = m0; m < m1; ++m, t += 256) {
-        s0 += t[c0[m]];
-        s1 += t[c1[m]];
-        s2 += t[c2[m]];
-        s3 += t[c3[m]];
-      }
-      partial[rows[i]] = s0;
-      partial[rows[i + 1]] = s1;
-      partial[rows[i + 2]] = s2;
-      partial[rows[i + 3]] = s3;
-    }
-    for (; i < n; ++i) {
-      const uint8_t* c = codes + rows[i] * M;
-      float s = partial[rows[i]];
-      const float* t = table + m0 * 256;
-      for (size_t m = m0; m < m1; ++m, t += 256) s += t[c[m]];
-      partial[rows[i]] = s;
-    }
-  }
-
-  void scan_top_images_pruned(const float* query, const int64_t* probes, size_t nprobe, const float* table,
-                              detail::SmallTopImages& top) const {
-    constexpr size_t kBlock = 64;
-    const PruneBounds bounds = prune_bounds(table);
-    uint32_t all_rows[kBlock];
-    for (size_t i = 0; i < kBlock; ++i) all_rows[i] = static_cast<uint32_t>(i);
-    float partial[kBlock];
-    uint32_t rows[kBlock];
-    for (size_t p = 0; p < nprobe; ++p) {
-      const int64_t l = probes[p];
-      if (l < 0) continue;
-      if (static_cast<size_t>(l) >= nlist_) throw std::out_of_range("IVFPQScanner: probed list out of range");
-      const InvertedListView& list = lists_[static_cast<size_t>(l)];
-      if (list.size == 0) continue;
-      const float dis0 = detail::dot(query, coarse_.data() + static_cast<size_t>(l) * dim_, dim_);
-      const float slack = 1e-5f * (1.f + std::fabs(dis0) + bounds.abs_sum);
-      for (size_t start = 0; start < list.size; start += kBlock) {
-        const size_t n = std::min(kBlock, list.size - start);
-        const uint8_t* codes = list.codes + start * M_;
-        std::fill(partial, partial + n, 0.f);
-        add_range(codes, all_rows, n, table, 0, bounds.stops[0], partial);
-        size_t alive = 0;
-        float need = top.threshold() - dis0 - slack - bounds.tail[0];
-        for (size_t i = 0; i < n; ++i) {
-          rows[alive] = static_cast<uint32_t>(i);
-          alive += partial[i] >= need;
-        }
-        for (int s = 1; s < 3 && alive > 0; ++s) {
-          add_range(codes, rows, alive, table, bounds.stops[s - 1], bounds.stops[s], partial);
-          need = top.threshold() - dis0 - slack - bounds.tail[s];
-          size_t kept = 0;
-          for (size_t i = 0; i < alive; ++i) {
-            rows[kept] = rows[i];
-            kept += partial[rows[i]] >= need;
-          }
-          alive = kept;
-        }
-        add_range(codes, rows, alive, table, bounds.stops[2], M_, partial);
-        for (size_t i = 0; i < alive; ++i) {
-          const size_t j = start + rows[i];
-          const float score = dis0 + partial[rows[i]];
-          if (score < top.threshold()) continue;
-          const int32_t img = image_of(list, j);
-          if (img < 0 || static_cast<size_t>(img) >= num_images_) continue;
-          top.offer(score, img, list.ids[j]);
-        }
-      }
     }
   }
 
