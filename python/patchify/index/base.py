@@ -1,6 +1,7 @@
 """The contract every patch index (flat, IVFPQ) fulfils, so the engine can hold either."""
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -37,3 +38,63 @@ class PatchIndex(Protocol):
     def nbytes(self) -> int: ...
 
     def save(self, directory: Path) -> None: ...
+
+
+# Input checks shared by every index, so that flat and IVFPQ reject the same bad input with the same message.
+
+def check_vectors(vectors: np.ndarray, dim: int, name: str, *, keep_float16: bool = False) -> np.ndarray:
+    """(n, dim) finite floats as a C-contiguous float32 array (float16 kept as is with keep_float16), without a
+    copy when the input already is one."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, {dim}), got shape {vectors.shape}")
+    if vectors.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {vectors.shape[1]}, the index holds {dim}")
+    if not np.issubdtype(vectors.dtype, np.floating):
+        raise ValueError(f"{name} must be a float array, got dtype {vectors.dtype}")
+    keep_half = keep_float16 and vectors.dtype == np.float16
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16 if keep_half else np.float32)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"{name}: row {int(np.flatnonzero(~finite)[0])} contains NaN or infinity")
+    return vectors
+
+
+def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """(nq, dim) float32 queries; a 1-D query is a batch of one."""
+    queries = np.asarray(queries)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be (nq, {dim}) or ({dim},), got shape {queries.shape}")
+    if not np.issubdtype(queries.dtype, np.floating):
+        raise ValueError(f"queries must be a float array, got dtype {queries.dtype}")
+    if queries.shape[1] != dim:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the index holds {dim}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    finite = np.isfinite(queries).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"query {int(np.flatnonzero(~finite)[0])} contains NaN or infinity")
+    return queries
+
+
+def check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
+
+
+def check_ids(ids: np.ndarray, name: str, n: int) -> np.ndarray:
+    """n non-negative integer ids as C-contiguous int64 (n = -1 accepts any length)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (n >= 0 and ids.shape[0] != n):
+        expected = f"1-D with {n} entries (one per vector)" if n >= 0 else "1-D"
+        raise ValueError(f"{name} must be {expected}, got shape {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got dtype {ids.dtype}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got {int(ids.min())}")
+    return ids

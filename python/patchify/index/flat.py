@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import _core
 from ..storage import IndexFormatError
+from .base import check_ids, check_k, check_queries, check_vectors
 
 VECTORS_FILE = "flat_vectors.npy"
 PATCH_IDS_FILE = "flat_patch_ids.npy"
@@ -73,36 +74,20 @@ class FlatIndex:
         are converted. Patches of an image may arrive over several calls: the index regroups them (slower)."""
         vectors = self._vectors(vectors, "vectors")
         n = vectors.shape[0]
-        patch_ids = _ids(patch_ids, "patch_ids", n)
-        image_ids = _ids(image_ids, "image_ids", n)
+        patch_ids = check_ids(patch_ids, "patch_ids", n)
+        image_ids = check_ids(image_ids, "image_ids", n)
         self._core.add(vectors, patch_ids, image_ids)
 
     def remove_images(self, image_ids: np.ndarray) -> int:
         """Removes every patch of these images; returns the number of patches removed (unknown ids count 0)."""
-        ids = np.atleast_1d(np.asarray(image_ids))
-        return int(self._core.remove_images(_ids(ids, "image_ids", ids.shape[0] if ids.ndim == 1 else -1)))
+        return int(self._core.remove_images(check_ids(np.atleast_1d(np.asarray(image_ids)), "image_ids", -1)))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k images for each query: (scores float32, image ids int64, winning patch ids int64), each (nq, k),
         best first; padded with -inf / -1 when fewer than k images are stored. A 1-D query is a batch of one."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        queries = np.asarray(queries)
-        if queries.ndim == 1:
-            queries = queries[None, :]
-        if queries.ndim != 2:
-            raise ValueError(f"queries must be (nq, {self.dim}) or ({self.dim},), got shape {queries.shape}")
-        if not np.issubdtype(queries.dtype, np.floating):
-            raise ValueError(f"queries must be a float array, got dtype {queries.dtype}")
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[1]}, the index holds {self.dim}")
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if not np.isfinite(queries).all():
-            bad = int(np.flatnonzero(~np.isfinite(queries).all(axis=1))[0])
-            raise ValueError(f"query {bad} contains NaN or infinity")
-        return self._core.search(queries, int(k), self.num_threads)
+        k = check_k(k)
+        queries = check_queries(queries, self.dim)
+        return self._core.search(queries, k, self.num_threads)
 
     def nbytes(self) -> int:
         """Bytes of memory the index holds (vectors, ids and the per-image tables)."""
@@ -154,31 +139,7 @@ class FlatIndex:
         self._core.kernel = name
 
     def _vectors(self, vectors: np.ndarray, name: str) -> np.ndarray:
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (n, {self.dim}), got shape {vectors.shape}")
-        if vectors.shape[1] != self.dim:
-            raise ValueError(f"{name} have dimension {vectors.shape[1]}, the index holds {self.dim}")
-        if not np.issubdtype(vectors.dtype, np.floating):
-            raise ValueError(f"{name} must be a float array, got dtype {vectors.dtype}")
-        keep_half = vectors.dtype == np.float16 and self.dtype == "float16"
-        vectors = np.ascontiguousarray(vectors, dtype=np.float16 if keep_half else np.float32)
-        finite = np.isfinite(vectors).all(axis=1)
-        if not finite.all():
-            raise ValueError(f"{name}: row {int(np.flatnonzero(~finite)[0])} contains NaN or infinity")
-        return vectors
-
-
-def _ids(ids: np.ndarray, name: str, n: int) -> np.ndarray:
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or ids.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries (one per vector), got shape {ids.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{name} must be integers, got dtype {ids.dtype}")
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if ids.size and ids.min() < 0:
-        raise ValueError(f"{name} must be >= 0, got {int(ids.min())}")
-    return ids
+        return check_vectors(vectors, self.dim, name, keep_float16=self.dtype == "float16")
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -5,8 +5,9 @@ w.r.t. their coarse centroid, `by_residual`), maintaining the inverted lists, re
 the index. The C++ extension (`_core.IVFPQScanner`, cpp/src/patchify/ivfpq_scan.h) picks the `nprobe` lists
 (coarse="native", default: same ranking as faiss's quantiser, in the same GIL-free call) or takes faiss's own
 quantizer.search result (coarse="faiss"), then scans those lists' PQ codes with faiss's inner-product ADC
-arithmetic and keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking faiss for a
-patch-level top-k' and grouping in numpy would need a large k' (an image's patches crowd the top of the list).
+arithmetic and keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking
+faiss for a patch-level top-k' and grouping in numpy would need a large k' (an image's patches crowd the top of the
+list).
 
 faiss ids are our global patch ids; a dense int32 array maps patch id -> image id (-1 once removed). The C++
 core never links faiss: it reads faiss's inverted lists through numpy views (faiss.rev_swig_ptr) that are
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from .base import check_ids, check_k, check_queries, check_vectors
 
 FORMAT_NAME = "patchify-ivfpq"
 FORMAT_VERSION = 1
@@ -114,7 +116,7 @@ class IVFPQIndex:
 
     def train(self, vectors: np.ndarray) -> None:
         faiss = _faiss()
-        x = self._check_vectors(vectors, "training vectors")
+        x = check_vectors(vectors, self.dim, "training vectors")
         need = self.min_training_vectors()
         if len(x) < need:
             what = f"nlist={self.nlist}, " if self.nlist else ""
@@ -138,15 +140,13 @@ class IVFPQIndex:
     def add(self, vectors: np.ndarray, patch_ids: np.ndarray, image_ids: np.ndarray) -> None:
         if not self.is_trained:
             raise RuntimeError("IVFPQIndex.add: train() the index first")
-        x = self._check_vectors(vectors, "vectors")
-        pids = np.ascontiguousarray(patch_ids, dtype=np.int64).reshape(-1)
-        imgs = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-        if len(pids) != len(x) or len(imgs) != len(x):
-            raise ValueError(f"{len(x)} vectors but {len(pids)} patch ids and {len(imgs)} image ids")
+        x = check_vectors(vectors, self.dim, "vectors")
+        pids = check_ids(patch_ids, "patch_ids", len(x))
+        imgs = check_ids(image_ids, "image_ids", len(x))
         if len(x) == 0:
             return
-        if pids.min() < 0 or imgs.min() < 0 or imgs.max() >= np.iinfo(np.int32).max:
-            raise ValueError("patch ids must be >= 0 and image ids in [0, 2^31 - 1)")
+        if imgs.max() >= np.iinfo(np.int32).max:  # the scanner's patch -> image map is int32
+            raise ValueError(f"image_ids must be below 2^31 - 1, got {int(imgs.max())}")
         if len(np.unique(pids)) != len(pids):
             raise ValueError("duplicate patch ids in one add() call")
         known = pids[pids < len(self._map)]
@@ -162,7 +162,7 @@ class IVFPQIndex:
         self._lists_stale = True
 
     def remove_images(self, image_ids: np.ndarray) -> int:
-        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        ids = check_ids(np.atleast_1d(np.asarray(image_ids)), "image_ids", -1)
         if self._index is None or len(ids) == 0:
             return 0
         patches = np.flatnonzero(np.isin(self._map, ids)).astype(np.int64)
@@ -177,16 +177,15 @@ class IVFPQIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q = self._check_queries(queries)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        k = check_k(k)
+        q = check_queries(queries, self.dim)
         if self.ntotal == 0:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64),
                     np.full((len(q), k), -1, np.int64))
         scanner = self._ready_scanner()
         if self.coarse == "native":
-            return scanner.search_native(q, self._nprobe(), int(k), self.num_threads)
-        return scanner.search(q, self.probe(q), int(k), self.num_threads)
+            return scanner.search_native(q, self._nprobe(), k, self.num_threads)
+        return scanner.search(q, self.probe(q), k, self.num_threads)
 
     def _nprobe(self) -> int:
         return max(1, min(int(self.nprobe), int(self._index.nlist)))
@@ -198,7 +197,7 @@ class IVFPQIndex:
 
     def patch_scores(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every (patch id, score) the scanner computes for one query at the current nprobe (for tests/debugging)."""
-        q = self._check_queries(query)
+        q = check_queries(query, self.dim)
         if len(q) != 1:
             raise ValueError("patch_scores takes one query")
         return _core.ivfpq_patch_scores(self._ready_scanner(), q[0], self.probe(q)[0])
@@ -300,15 +299,3 @@ class IVFPQIndex:
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
-
-    def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"{what} must be (n, {self.dim}), got shape {x.shape}")
-        return x
-
-    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        return self._check_vectors(q, "queries")
