@@ -90,7 +90,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "backbone": backbone.name, "weights": backbone.weights, "threads": args.threads,
-            "onnxruntime": ort.__version__, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "load_average": os.getloadavg()[0], "rows": rows,
         }, indent=2))
 

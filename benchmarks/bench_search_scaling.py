@@ -258,7 +258,8 @@ def describe(row: dict[str, Any]) -> str:
     ours = row["ours"]
     text = (f"{head} p50 {ours['batch1']['p50_ms']:9.3f} ms p99 {ours['batch1']['p99_ms']:9.3f} ms "
             f"{ours['batch']['queries_per_s']:8.0f} q/s | {row['bytes_per_image']:8.0f} B/img, build peak "
-            f"{row['build_peak_rss_bytes'] / 2**20:7.1f} MiB, search peak {row['search_peak_rss_bytes'] / 2**20:6.1f} MiB")
+            f"{row['build_peak_rss_bytes'] / 2**20:7.1f} MiB, "
+            f"search peak {row['search_peak_rss_bytes'] / 2**20:6.1f} MiB")
     for name, s in row["speedup"].items():
         text += f" | vs {name}: {s['batch1_p50']:.2f}x b1, {s['batch_qps']:.2f}x b{row['batch']}"
     return text

@@ -29,7 +29,8 @@ def default_photos() -> Path:
     return shared if shared.is_dir() else ROOT / "data" / "photos"
 
 
-def make_crops(photos: list[Path], per_photo: int, seed: int) -> list[tuple[np.ndarray, int, tuple[int, int, int, int]]]:
+def make_crops(photos: list[Path], per_photo: int,
+               seed: int) -> list[tuple[np.ndarray, int, tuple[int, int, int, int]]]:
     from patchify.images import load_rgb
 
     rng = np.random.default_rng(seed)

@@ -84,7 +84,8 @@ def run_one(bench: Benchmark, quick: bool, out: Path, timeout_s: float) -> dict:
     # The scripts import the same patchify as this process: the in-place build if there is one, else the installed.
     paths = [str(SOURCE)] if HAS_INPLACE_BUILD else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
-    record = {"name": bench.name, "command": shown, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
+    record = {"name": bench.name, "command": shown,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
               "load_average_before": os.getloadavg()[0]}
     print(f"== {bench.name}: {shown}", flush=True)
     json_path.unlink(missing_ok=True)  # a failed run must not leave an older run's figures behind as its own

