@@ -49,6 +49,7 @@ def main() -> int:
     from patchify.backbones import load_backbone
     from patchify.datasets import load_composite
     from patchify.evaluation import _query_pixels
+    from patchify.index.flat import IMAGE_IDS_FILE, VECTORS_FILE
 
     dataset = load_composite(args.bench_dir)
     backbone = load_backbone("dinov2_vits14")
@@ -58,25 +59,24 @@ def main() -> int:
         print(f"note: {report.n_images - report.from_cache} images were not in the cache and were encoded now")
     with tempfile.TemporaryDirectory() as tmp:
         engine.index.save(Path(tmp))  # type: ignore[union-attr]
-        vectors = np.load(Path(tmp) / "flat_vectors.npy").astype(np.float32)
-        image_of = np.load(Path(tmp) / "flat_image_ids.npy")
+        vectors = np.load(Path(tmp) / VECTORS_FILE).astype(np.float32)
+        image_of = np.load(Path(tmp) / IMAGE_IDS_FILE)
     per_image = len(vectors) // report.n_images
     queries = engine.embed_queries([_query_pixels(dataset, q) for q in range(dataset.n_queries)])
     print(f"{dataset.name}: {report.n_images} images x {per_image} patches (L{args.level}), "
           f"{len(queries)} object-crop queries; backbone {backbone.name} [{backbone.weights}]")
-    rng_queries = make_queries(vectors, len(queries), 0)
+    # (label, patch vectors, image of each patch, queries): the real database twice, then the synthetic model.
+    cases = [("real patches, object-crop queries", vectors, image_of, queries),
+             ("real patches, noisy copies of patches", vectors, image_of, make_queries(vectors, len(queries), 0))]
+    synthetic_images = np.repeat(np.arange(report.n_images), per_image)
+    for spread in (0.9, 0.4):
+        x = synthetic(report.n_images, per_image, vectors.shape[1], 0, image_spread=spread)
+        cases.append((f"synthetic (bench_ivfpq, spread {spread})", x, synthetic_images,
+                      make_queries(x, len(queries), 0)))
     for k in args.k:
         print(f"k = {k}:")
-        print(describe("real patches, object-crop queries", [k_prime(vectors, image_of, q, k) for q in queries],
-                       k, per_image))
-        print(describe("real patches, noisy copies of patches", [k_prime(vectors, image_of, q, k)
-                                                                  for q in rng_queries], k, per_image))
-        for spread in (0.9, 0.4):
-            x = synthetic(report.n_images, per_image, vectors.shape[1], 0, image_spread=spread)
-            img = np.repeat(np.arange(report.n_images), per_image)
-            q = make_queries(x, len(queries), 0)
-            print(describe(f"synthetic (bench_ivfpq, spread {spread})", [k_prime(x, img, v, k) for v in q],
-                           k, per_image))
+        for label, x, images, qs in cases:
+            print(describe(label, [k_prime(x, images, q, k) for q in qs], k, per_image))
     return 0
 
 

@@ -93,7 +93,6 @@ inline float dot(const float* a, const float* b, size_t d) {
   return s;
 }
 
-
 // scores[j] = <q, centroids[j]> for n centroids: the native coarse search's dot products (nlist x dim per query,
 // the largest dense cost of a search). Baseline version: eight partial sums per row so the adds pipeline.
 inline void dots_to_rows_generic(const float* q, const float* rows, size_t n, size_t d, float* scores) {
@@ -381,7 +380,7 @@ class IVFPQScanner {
   void coarse_probe(const float* query, size_t nprobe, float* scores_scratch, int64_t* probes) const {
     detail::dots_to_rows(query, coarse_.data(), nlist_, dim_, scores_scratch);
     const size_t n = std::min(nprobe, nlist_);
-    std::vector<int64_t> order(nlist_);
+    std::vector<int64_t> order;  // filled by top_lists
     top_lists(scores_scratch, n, order);
     for (size_t j = 0; j < nprobe; ++j) probes[j] = j < n ? order[j] : -1;
   }
@@ -408,7 +407,7 @@ class IVFPQScanner {
         }
         detail::dots_queries_to_rows(qs, q1 - q0, coarse_.data() + r0 * dim_, rows, dim_, out);
       }
-      std::vector<int64_t> order(nlist_);
+      std::vector<int64_t> order;  // filled by top_lists, reused across the block
       for (size_t qi = q0; qi < q1; ++qi) {
         const float* sc = scores.data() + (qi - q0) * nlist_;
         top_lists(sc, n, order);
