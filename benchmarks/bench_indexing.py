@@ -65,7 +65,7 @@ class CheapBackbone:
 
 def index_once(backbone: Any, paths: list[Path], level: int, batch_size: int, threads: int) -> dict[str, Any]:
     """One fresh engine, one add_images call: images/s, patches/s, stage seconds and shares of the total."""
-    engine = Patchify(backbone=backbone, levels=level, index="flat", batch_size=batch_size, num_threads=threads)
+    engine = Patchify(backbone=backbone, level=level, index="flat", batch_size=batch_size, num_threads=threads)
     report = engine.add_images(paths)
     if report.skipped:
         raise RuntimeError(f"benchmark photos were skipped: {report.skipped}")

@@ -114,7 +114,7 @@ def smallest_k_prime(index: IVFPQIndex, q: np.ndarray, k: int, limit: int = 1 <<
     """k' for (b): the smallest power of two whose grouped top-k equals the fused top-k for every query (the
     index's faiss_index must have the same nprobe as the index)."""
     _, fused_imgs, _ = index.search(q, k)
-    patch_map = index._map.astype(np.int64)
+    patch_map = index.patch_image_map().astype(np.int64)
     candidate = k
     while candidate <= limit:
         D, I = index.faiss_index.search(q, candidate)
@@ -283,7 +283,7 @@ def main() -> None:
     index.search(q[:2], k)  # builds the list views once (as after any add/remove), not part of a search
 
     k_prime = smallest_k_prime(index, q, k)
-    patch_map = index._map.astype(np.int64)
+    patch_map = index.patch_image_map().astype(np.int64)
     print(f"(b) needs k' = {k_prime} patches for the same top-{k} images", flush=True)
 
     def fused(qs: np.ndarray) -> None:

@@ -198,7 +198,7 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     # Baselines (after the memory figures: their own copies would inflate the peaks).
     baselines: dict[str, Any] = {}
     if kind == "ivfpq":
-        patch_map = index._map.astype(np.int64)
+        patch_map = index.patch_image_map().astype(np.int64)
 
         def faiss_group(q: np.ndarray) -> Any:
             faiss.omp_set_num_threads(1 if len(q) == 1 else threads)

@@ -95,14 +95,14 @@ def main() -> int:
 
     # Encode the finest level once; coarser levels come from the cache.
     started = time.perf_counter()
-    finest = Patchify(backbone=backbone, levels=args.max_level, embedding_cache=cache)
+    finest = Patchify(backbone=backbone, level=args.max_level, embedding_cache=cache)
     finest.add_images(photos, progress=True)
     query_vectors = finest.embed_queries([pixels for pixels, _, _ in crops])
     encode_seconds = time.perf_counter() - started
 
     rows = []
     for level in range(args.max_level + 1):
-        engine = Patchify(backbone=backbone, levels=level, embedding_cache=cache)
+        engine = Patchify(backbone=backbone, level=level, embedding_cache=cache)
         report = engine.add_images(photos)
         assert report.from_cache == len(photos), "levels must nest in the embedding cache"
         hits = engine.search_batch(query_vectors, k=1)

@@ -46,17 +46,16 @@ def main() -> int:
     from patchify import Patchify
     from patchify.backbones import load_backbone
     from patchify.datasets import load_composite
-    from patchify.evaluation import _query_pixels
 
     dataset = load_composite(args.bench_dir)
     backbone = load_backbone("dinov2_vits14")
     cache = args.cache or True
     database = [str(p) for p in dataset.database]
-    flat = Patchify(backbone=backbone, levels=args.level, embedding_cache=cache)
+    flat = Patchify(backbone=backbone, level=args.level, embedding_cache=cache)
     report = flat.add_images(database, progress=True)
     print(f"{dataset.name}: {report.n_images} images ({report.from_cache} from the cache), "
           f"{report.n_patches} patches at L{args.level}; backbone {backbone.name} [{backbone.weights}]")
-    queries = flat.embed_queries([_query_pixels(dataset, q) for q in range(dataset.n_queries)])
+    queries = flat.embed_queries([dataset.query_image(q) for q in range(dataset.n_queries)])
     started = time.perf_counter()
     gt_vectors = flat.embed_queries(gt_crops(dataset))
     print(f"encoded {len(gt_vectors)} ground-truth crops in {time.perf_counter() - started:.1f} s")
@@ -64,7 +63,7 @@ def main() -> int:
     k = report.n_images
     rows = [{"index": "flat (uncompressed)", "source": "-", **flat_summary(dataset, flat, queries, k)}]
     for source in ("all", "salient", "gt-aligned"):
-        engine = Patchify(backbone=backbone, levels=args.level, index="ivfpq", m=args.m, nbits=args.nbits,
+        engine = Patchify(backbone=backbone, level=args.level, index="ivfpq", m=args.m, nbits=args.nbits,
                           nlist=args.nlist, nprobe=args.nprobe, training_source=source, embedding_cache=cache,
                           training_vectors=gt_vectors if source == "gt-aligned" else None)
         engine.add_images(database)

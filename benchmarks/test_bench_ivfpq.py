@@ -51,7 +51,7 @@ def test_faiss_k10_single_query(benchmark, setup):
 
 def test_faiss_kprime_group_single_query(benchmark, setup):
     index, ivf, q = setup
-    patch_map = index._map.astype(np.int64)
+    patch_map = index.patch_image_map().astype(np.int64)
 
     def run():
         D, I = ivf.search(q[:1], K_PRIME)

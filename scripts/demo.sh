@@ -8,5 +8,5 @@ out="${PATCHIFY_DEMO_DIR:-$root/demo_output}"
 mkdir -p "$out"
 # The query: a crop of one photo (its true place is printed, to compare with the winning box).
 python examples/make_query.py data/photos/fruits.jpg --box 250 180 460 400 --out "$out/query.jpg"
-patchify index data/photos --out "$out/index" --levels 2
+patchify index data/photos --out "$out/index" --level 2 --overwrite
 patchify search "$out/index" "$out/query.jpg" -k 5 --show "$out/result.png"

@@ -36,7 +36,7 @@ def demo_index(tmp_path_factory, photos) -> tuple[Path, Path]:
     (images / "notes.txt").write_text("not an image")
     query = work / "query.jpg"
     Image.open(images / "fruits.jpg").convert("RGB").crop(CROP_BOX).save(query, quality=95)
-    assert main(["index", str(images), "--out", str(work / "index"), "--levels", "2", "--quiet"]) == 0
+    assert main(["index", str(images), "--out", str(work / "index"), "--level", "2", "--quiet"]) == 0
     return work / "index", query
 
 

@@ -166,7 +166,7 @@ def test_engine_on_tiny_composite_end_to_end(tmp_path, thumbnail_backbone):
 
     ds = build_composite_benchmark(tmp_path / "b", n_objects=2, positives_per_object=2, n_distractors=3, seed=1,
                                    image_size=(128, 96))
-    engine = Patchify(backbone=thumbnail_backbone, levels=2)
+    engine = Patchify(backbone=thumbnail_backbone, level=2)
     engine.add_images([str(p) for p in ds.database])
     hits = engine.search_batch([str(q) for q in ds.queries], k=len(ds.database))
     ev = ds.evaluate(hits, map_k=5)

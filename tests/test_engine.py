@@ -10,7 +10,7 @@ from PIL import Image
 
 from patchify import Patchify
 from patchify.images import load_rgb
-from patchify.storage import IndexFormatError
+from patchify.errors import IndexFormatError
 
 
 def _cell_crop(path: Path, grid: int, row: int, col: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -22,7 +22,7 @@ def _cell_crop(path: Path, grid: int, row: int, col: int) -> tuple[np.ndarray, t
 
 @pytest.fixture
 def engine(thumbnail_backbone, photos) -> Patchify:
-    engine = Patchify(backbone=thumbnail_backbone, levels=2)
+    engine = Patchify(backbone=thumbnail_backbone, level=2)
     report = engine.add_images(photos[:8])
     assert report.n_images == 8 and not report.skipped
     return engine
@@ -39,14 +39,15 @@ def test_crop_finds_its_source_and_place(engine, photos):
 
 
 def test_patch_counts_per_level(thumbnail_backbone, photos):
-    for levels, per_image in [(0, 1), (1, 5), (2, 14), (3, 30), ([1, 3], 10)]:
-        engine = Patchify(backbone=thumbnail_backbone, levels=levels)
+    for tiling, per_image in [({"level": 0}, 1), ({"level": 1}, 5), ({"level": 2}, 14), ({"level": 3}, 30),
+                              ({"grids": [1, 3]}, 10), ({}, 14)]:
+        engine = Patchify(backbone=thumbnail_backbone, **tiling)
         report = engine.add_images(photos[:2])
         assert report.n_patches == engine.n_patches == 2 * per_image
 
 
 def test_add_report_times_each_stage(thumbnail_backbone, photos):
-    engine = Patchify(backbone=thumbnail_backbone, levels=2, batch_size=16)  # several chunks: prefetch overlaps
+    engine = Patchify(backbone=thumbnail_backbone, level=2, batch_size=16)  # several chunks: prefetch overlaps
     report = engine.add_images(photos[:6])
     stages = ("decode", "tile", "encode", "index")
     assert set(stages) <= set(report.timings) and "decode_cpu" in report.timings
@@ -64,10 +65,10 @@ def test_bad_files_are_skipped_with_reasons_and_nothing_else_is_lost(thumbnail_b
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (1, 1)).save(tiny)
     sources = [photos[0], truncated, photos[1], text, tmp_path / "missing.jpg", tiny, photos[2]]
-    engine = Patchify(backbone=thumbnail_backbone, levels=2, batch_size=64)
+    engine = Patchify(backbone=thumbnail_backbone, level=2, batch_size=64)
     report = engine.add_images(sources)
     assert report.n_images == 3 and report.n_patches == 3 * 14
-    assert [engine.images[i]["path"] for i in report.image_ids] == [str(p) for p in (photos[0], photos[1], photos[2])]
+    assert [engine.images[i].name for i in report.image_ids] == [str(p) for p in (photos[0], photos[1], photos[2])]
     reasons = {s.source: s.reason for s in report.skipped}
     assert set(reasons) == {str(truncated), str(text), str(tmp_path / "missing.jpg"), str(tiny)}
     assert "truncated" in reasons[str(truncated)]
@@ -144,7 +145,7 @@ def test_load_errors_are_clear(engine, tmp_path, thumbnail_backbone):
     with pytest.raises(IndexFormatError, match="version 99 .*upgrade patchify"):
         Patchify.load(out)
 
-    manifest["format_version"] = 1
+    manifest["format_version"] = 2
     manifest["n_patches"] = 5
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexFormatError, match="patches.npz"):
@@ -168,13 +169,13 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_index(engine, tmp_path):
 
 
 def test_embedding_cache_serves_coarser_levels(thumbnail_backbone, photos, tmp_path):
-    fine = Patchify(backbone=thumbnail_backbone, levels=3, embedding_cache=tmp_path / "cache")
+    fine = Patchify(backbone=thumbnail_backbone, level=3, embedding_cache=tmp_path / "cache")
     assert fine.add_images(photos[:4]).from_cache == 0
     calls = thumbnail_backbone.calls
-    coarse = Patchify(backbone=thumbnail_backbone, levels=1, embedding_cache=tmp_path / "cache")
+    coarse = Patchify(backbone=thumbnail_backbone, level=1, embedding_cache=tmp_path / "cache")
     report = coarse.add_images(photos[:4])
     assert report.from_cache == 4 and thumbnail_backbone.calls == calls
-    fresh = Patchify(backbone=thumbnail_backbone, levels=1)
+    fresh = Patchify(backbone=thumbnail_backbone, level=1)
     fresh.add_images(photos[:4])
     query = photos[2]
     hits = [(h.image_id, h.box) for h in coarse.search(query, k=4)]
@@ -198,10 +199,10 @@ def test_ivfpq_engine_finds_the_crop_and_survives_save_load(thumbnail_backbone, 
     crop = np.ascontiguousarray(images[target][: height // 2, width // 2:])
     given = None
     if source == "gt-aligned":
-        helper = Patchify(backbone=thumbnail_backbone, levels=0)
+        helper = Patchify(backbone=thumbnail_backbone, level=0)
         given = helper.embed_queries([np.ascontiguousarray(img[: img.shape[0] // 2, : img.shape[1] // 2])
                                       for img in images])
-    engine = Patchify(backbone=thumbnail_backbone, levels=3, index="ivfpq", nlist=4, m=48, nbits=4, nprobe=4,
+    engine = Patchify(backbone=thumbnail_backbone, level=3, index="ivfpq", nlist=4, m=48, nbits=4, nprobe=4,
                       training_source=source, training_vectors=given)
     report = engine.add_images(images)
     assert report.n_patches == 40 * 30 and engine.index.kind == "ivfpq"
@@ -219,6 +220,124 @@ def test_ivfpq_training_needs_enough_vectors_and_a_known_source(thumbnail_backbo
         Patchify(backbone=thumbnail_backbone, index="ivfpq", training_source="everything")
     with pytest.raises(ValueError, match="training_vectors"):
         Patchify(backbone=thumbnail_backbone, index="ivfpq", training_source="gt-aligned").add_images(photos[:1])
-    engine = Patchify(backbone=thumbnail_backbone, levels=0, index="ivfpq", m=8, nbits=8)
+    engine = Patchify(backbone=thumbnail_backbone, level=0, index="ivfpq", m=8, nbits=8)
     with pytest.raises(ValueError, match="at least"):
         engine.add_images(photos[:3])
+
+
+# ---------------------------------------------------------------------------------------------- the redesign's seams
+def test_changed_nprobe_survives_save_and_load(thumbnail_backbone, photos, tmp_path):
+    engine = Patchify(backbone=thumbnail_backbone, level=3, index="ivfpq", nlist=4, m=8, nbits=4, nprobe=2)
+    engine.add_images(_small_collection(photos))
+    engine.index.nprobe = 4  # a run-time setting, changed on the index itself
+    assert engine.index_config.nprobe == 4
+    out = engine.save(tmp_path / "index")
+    assert json.loads((out / "manifest.json").read_text())["index"]["nprobe"] == 4
+    loaded = Patchify.load(out, backbone=thumbnail_backbone)
+    assert loaded.index.nprobe == 4 and loaded.index_config == engine.index_config
+
+
+def test_add_embeddings_indexes_precomputed_vectors_like_add_images(thumbnail_backbone, photos):
+    from patchify import AddReport, Encoder, TilingConfig
+
+    direct = Patchify(backbone=thumbnail_backbone, level=2)
+    direct.add_images(photos[:5])
+    encoder = Encoder(thumbnail_backbone, TilingConfig.for_level(3))  # finer than needed: keep the L0..L2 rows
+    batches = list(encoder.encode_images(photos[:5], AddReport()))
+    via = Patchify(backbone=thumbnail_backbone, level=2)
+    for batch in batches:
+        rows = np.isin(batch.patches.grid, via.grids)
+        via.add_embeddings(batch.vectors[rows], batch.patches.select(rows), batch.images)
+    assert via.n_images == 5 and via.n_patches == direct.n_patches == 5 * 14
+    query = _cell_crop(photos[2], 3, 1, 1)[0]
+    assert [(h.image_id, h.box, h.path) for h in via.search(query, k=5)] == \
+        [(h.image_id, h.box, h.path) for h in direct.search(query, k=5)]
+    with pytest.raises(ValueError, match="grids"):  # L3 rows into an L2 engine
+        via.add_embeddings(batches[0].vectors, batches[0].patches, batches[0].images)
+    assert via.n_images == 5  # nothing changed by the refused call
+
+
+def test_add_images_takes_a_folder_or_one_path(thumbnail_backbone, photos, tmp_path):
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos[:3]:
+        shutil.copy(p, folder / p.name)
+    engine = Patchify(backbone=thumbnail_backbone, level=1)
+    assert engine.add_images(str(folder)).n_images == 3
+    assert engine.add_images(folder / photos[0].name).n_images == 1
+    assert engine.add_images(load_rgb(photos[1])).n_images == 1
+    assert [image.name for image in engine.images[:3]] == sorted(str(folder / p.name) for p in photos[:3])
+    with pytest.raises(ValueError, match="folder, an image or a list"):
+        engine.add_images(42)  # type: ignore[arg-type]
+
+
+def test_a_one_row_float_array_is_a_vector_and_k_is_checked(engine, photos):
+    vector = engine.embed_query(photos[4])
+    assert engine.search(vector[None, :], k=1)[0].image_id == 4
+    with pytest.raises(ValueError, match="search_batch"):
+        engine.search(np.stack([vector, vector]))
+    for bad in ("5", None, 2.5):
+        with pytest.raises(ValueError, match="k must be"):
+            engine.search(vector, k=bad)  # type: ignore[arg-type]
+    assert len(engine.search(vector, k=10**20)) == 8  # no more hits than images, and no huge allocation
+
+
+def test_unknown_backbone_names_are_refused_at_construction():
+    with pytest.raises(ValueError, match="unknown backbone 'no-such-net'"):
+        Patchify(backbone="no-such-net")
+
+
+def test_ivfpq_with_too_few_patches_is_refused_before_encoding(thumbnail_backbone, photos):
+    engine = Patchify(backbone=thumbnail_backbone, level=0, index="ivfpq", m=8, nbits=8)
+    with pytest.raises(ValueError, match="at least 9984 patch vectors"):
+        engine.add_images(photos[:3])
+    assert thumbnail_backbone.calls == 0
+
+
+def test_damaged_index_files_are_named(engine, tmp_path, thumbnail_backbone):
+    out = engine.save(tmp_path / "index")
+    patches = out / "patches.npz"
+    patches.write_bytes(patches.read_bytes()[:100])  # truncated
+    with pytest.raises(IndexFormatError, match="patches.npz: damaged"):
+        Patchify.load(out, backbone=thumbnail_backbone)
+    out = engine.save(tmp_path / "other")
+    vectors = out / "flat_vectors.npy"
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed: only the checksum sees it
+    vectors.write_bytes(bytes(data))
+    Patchify.load(out, backbone=thumbnail_backbone)  # sizes are checked on every load (cheap)
+    with pytest.raises(IndexFormatError, match="flat_vectors.npy: damaged"):
+        Patchify.load(out, backbone=thumbnail_backbone, verify=True)
+
+
+def test_search_needs_no_matplotlib_torch_or_timm(tmp_path):
+    """`import patchify; Patchify.load(...).search(vector)`: only numpy, Pillow, faiss (and onnxruntime for
+    images) are needed. The optional packages are made unimportable in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from conftest import env_importing_tested_patchify
+
+    fixture = Path(__file__).parent / "fixtures" / "indices" / "v2" / "ivfpq"
+    script = f"""
+import sys
+BLOCKED = ("matplotlib", "torch", "timm", "torchvision", "skimage", "sklearn", "onnx")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is blocked in this test")
+sys.meta_path.insert(0, Block())
+import numpy as np
+import patchify
+engine = patchify.Patchify.load({str(fixture)!r})
+hits = engine.search(np.ones(192, np.float32), k=3)
+assert len(hits) == 3, hits
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print("ok", loaded)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=env_importing_tested_patchify())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "ok []"

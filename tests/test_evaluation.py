@@ -8,7 +8,7 @@ import pytest
 
 from patchify.cli import main
 from patchify.datasets import build_composite_benchmark
-from patchify.evaluation import _query_pixels, evaluate_levels, write_outputs
+from patchify.evaluation import evaluate_levels, write_outputs
 from patchify.images import load_rgb
 
 
@@ -24,7 +24,7 @@ def test_levels_are_evaluated_from_one_encoding(tiny_benchmark, thumbnail_backbo
     assert [(r.index, r.level) for r in run.results] == [("flat", 0), ("flat", 2)]
     n_db = len(tiny_benchmark.database)
     assert [r.n_patches for r in run.results] == [n_db, 14 * n_db]
-    # The database is encoded once (at L2); the L0 and L2 indexes come from the embedding cache.
+    # The database is encoded once (at L2); the L0 index gets the L2 encoding's grid-1 rows.
     assert thumbnail_backbone.calls <= 1 + 1 + n_db  # batches of the first pass + one query batch
     calls = thumbnail_backbone.calls
     evaluate_levels(tiny_benchmark, backbone=thumbnail_backbone, levels=[1], embedding_cache=tmp_path / "cache",
@@ -47,16 +47,30 @@ def test_levels_are_evaluated_from_one_encoding(tiny_benchmark, thumbnail_backbo
     assert "L0" in table and "L2" in table and "LocScore" in table
 
 
+def test_each_database_image_is_read_and_encoded_once_without_a_cache(tiny_benchmark, thumbnail_backbone,
+                                                                     monkeypatch):
+    import patchify.encoder
+
+    reads = []
+    real_load = patchify.encoder.load_rgb
+    monkeypatch.setattr(patchify.encoder, "load_rgb", lambda source: reads.append(source) or real_load(source))
+    run = evaluate_levels(tiny_benchmark, backbone=thumbnail_backbone, levels=[0, 1, 2, 3], embedding_cache=False,
+                          progress=False, log=lambda _: None)
+    n_db = len(tiny_benchmark.database)
+    assert len([r for r in reads if not hasattr(r, "shape")]) == n_db + 0 * len(run.results)
+    assert [r.n_patches for r in run.results] == [n_db, 5 * n_db, 14 * n_db, 30 * n_db]
+
+
 def test_evaluation_matches_the_metrics_on_engine_hits(tiny_benchmark, thumbnail_backbone, tmp_path):
     from patchify import Patchify
     from patchify.metrics import average_precision
 
     run = evaluate_levels(tiny_benchmark, backbone=thumbnail_backbone, levels=[1], progress=False,
                           embedding_cache=tmp_path / "cache", log=lambda _: None)
-    engine = Patchify(backbone=thumbnail_backbone, levels=1)
+    engine = Patchify(backbone=thumbnail_backbone, level=1)
     engine.add_images([str(p) for p in tiny_benchmark.database])
     # Queries are cut to their object box, as the benchmark's protocol says.
-    queries = [_query_pixels(tiny_benchmark, q) for q in range(tiny_benchmark.n_queries)]
+    queries = [tiny_benchmark.query_image(q) for q in range(tiny_benchmark.n_queries)]
     assert queries[0].shape[:2] != load_rgb(tiny_benchmark.queries[0]).shape[:2]
     hits = engine.search_batch(queries, k=len(tiny_benchmark.database))
     for q, per_query in enumerate(run.results[0].evaluation.queries):

@@ -7,7 +7,7 @@ import pytest
 
 from patchify.index.base import PatchIndex
 from patchify.index.flat import FlatIndex, numpy_reference_search
-from patchify.storage import IndexFormatError
+from patchify.errors import IndexFormatError
 
 KERNELS = ["avx2", "generic"]
 
@@ -90,17 +90,21 @@ def test_protocol_and_basic_properties():
     assert isinstance(index, PatchIndex)
     assert index.kind == "flat" and index.dim == 8 and index.is_trained and index.ntotal == 0
     index.train(np.zeros((3, 8), np.float32))  # no-op
-    scores, images, patches = index.search(np.ones(8, np.float32), 4)  # empty index: all padding
-    assert images.tolist() == [[-1] * 4] and np.isneginf(scores).all() and (patches == -1).all()
+    scores, images, patches = index.search(np.ones(8, np.float32), 4)  # empty index: no columns
+    assert scores.shape == images.shape == patches.shape == (1, 0)
 
 
-def test_padding_when_fewer_images_than_k():
+def test_results_are_as_wide_as_the_images_when_k_is_larger():
     rng = np.random.default_rng(2)
     index = FlatIndex(32)
     index.add(_unit(rng, 5, 32), np.arange(5), np.array([0, 0, 1, 1, 2]))
-    scores, images, patches = index.search(_unit(rng, 2, 32), 5)
-    assert (images[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and (patches[:, 3:] == -1).all()
-    assert sorted(images[0, :3].tolist()) == [0, 1, 2]
+    for k in (5, 2**40, 10**20):  # memory follows the number of images, never k alone
+        scores, images, patches = index.search(_unit(rng, 2, 32), k)
+        assert scores.shape == images.shape == patches.shape == (2, 3)
+        assert sorted(images[0].tolist()) == [0, 1, 2] and np.isfinite(scores).all()
+    for bad in ("5", None, 2.5, 0):
+        with pytest.raises(ValueError, match="k must be"):
+            index.search(_unit(rng, 1, 32), bad)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -269,5 +273,5 @@ def test_image_continued_across_calls_and_huge_k():
     assert pieces.n_images == 4
     for a, b in zip(whole.search(vectors[:3], 4), pieces.search(vectors[:3], 4)):
         np.testing.assert_array_equal(a, b)
-    scores, images, _ = pieces.search(vectors[:1], 100_000)  # k far beyond the images: padded, no blow-up
-    assert (images[0, 4:] == -1).all() and sorted(images[0, :4].tolist()) == [0, 1, 2, 3]
+    scores, images, _ = pieces.search(vectors[:1], 100_000)  # k far beyond the images: as wide as the images
+    assert images.shape == (1, 4) and sorted(images[0].tolist()) == [0, 1, 2, 3]

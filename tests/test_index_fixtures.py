@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from patchify import Patchify
-from patchify.storage import SUPPORTED_VERSIONS
+from patchify.store import SUPPORTED_VERSIONS
 
 from conftest import ThumbnailBackbone
 from fixtures.make_index_fixtures import query

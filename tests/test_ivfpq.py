@@ -11,7 +11,7 @@ import pytest
 from patchify import _core
 from patchify.index.base import PatchIndex
 from patchify.index.ivfpq import IVFPQIndex, auto_nlist
-from patchify.storage import IndexFormatError
+from patchify.errors import IndexFormatError
 
 DIM, M, NLIST = 32, 8, 32
 PATCHES_PER_IMAGE = 7
@@ -51,10 +51,7 @@ def trained_faiss(data):
 def fresh(trained, coarse: str = "native") -> IVFPQIndex:
     import faiss
 
-    index = IVFPQIndex(DIM, nlist=NLIST, m=M, nprobe=4, num_threads=2, coarse=coarse)
-    index._index = faiss.clone_index(trained)
-    index._build_scanner()
-    return index
+    return IVFPQIndex.from_faiss(faiss.clone_index(trained), nprobe=4, num_threads=2, coarse=coarse)
 
 
 def queries(n: int = 6, seed: int = 5) -> np.ndarray:
@@ -76,7 +73,7 @@ def reference_images(index: IVFPQIndex, q: np.ndarray, k: int):
     for d, ids in zip(D, I):
         keep = ids >= 0
         d, ids = d[keep], ids[keep]
-        imgs = index._map[ids].astype(np.int64)
+        imgs = index.patch_image_map()[ids].astype(np.int64)
         order = np.lexsort((ids, -d))  # best score first, ties -> smaller patch id
         _, first = np.unique(imgs[order], return_index=True)
         best = order[first]
@@ -127,7 +124,7 @@ def test_native_coarse_search_probes_what_faiss_probes(trained_faiss, data):
         index.nprobe = nprobe
         faiss_probes = index.probe(q)
         for qi in range(len(q)):
-            np.testing.assert_array_equal(index._scanner.coarse_probe(q[qi], nprobe)[: faiss_probes.shape[1]],
+            np.testing.assert_array_equal(index.coarse_probe(q[qi], nprobe)[: faiss_probes.shape[1]],
                                           faiss_probes[qi])
     index.nprobe = 4
     native = index.search(q, 10)
@@ -243,7 +240,7 @@ def test_constructor_validation_and_factory():
     index = IVFPQIndex(32, factory="IVF64,PQ8x6", nprobe=3)
     assert (index.nlist, index.m, index.nbits, index.nprobe) == (64, 8, 6, 3)
     empty = index.search(np.ones((2, 32), np.float32), 3)
-    assert empty[1].shape == (2, 3) and np.all(empty[1] == -1)
+    assert empty[1].shape == (2, 0)  # no images: no columns, whatever k
     with pytest.raises(RuntimeError, match="train"):
         index.add(np.ones((1, 32), np.float32), np.array([0]), np.array([0]))
 
@@ -263,6 +260,6 @@ def test_engine_reports_too_few_training_vectors(photos, thumbnail_backbone):
     pytest.importorskip("patchify.tiling")  # the engine needs the tiler work
     from patchify.engine import Patchify
 
-    engine = Patchify(backbone=thumbnail_backbone, levels=2, index="ivfpq", m=8)
+    engine = Patchify(backbone=thumbnail_backbone, level=2, index="ivfpq", m=8)
     with pytest.raises(ValueError, match="IVFPQ training needs at least"):
         engine.add_images(photos[:2])

@@ -58,10 +58,10 @@ def test_levels_grids_and_counts(levels, grids, count):
 
 
 def test_grid_sizes_validation():
-    assert grid_sizes([1, 3]) == (1, 3)  # a sequence as `levels` is taken as grids
+    assert grid_sizes(grids=[1, 3]) == (1, 3)
     assert grid_sizes(grids=[4, 1, 2]) == (1, 2, 4)
-    for bad in (dict(levels=-1), dict(levels=True), dict(grids=[]), dict(grids=[0]), dict(grids=[2, 2]),
-                dict(grids=[1.5]), dict(), dict(levels=1, grids=[1])):
+    for bad in (dict(level=-1), dict(level=True), dict(level=[1, 3]), dict(grids=[]), dict(grids=[0]),
+                dict(grids=[2, 2]), dict(grids=[1.5]), dict(grids="12"), dict(), dict(level=1, grids=[1])):
         with pytest.raises(ValueError):
             grid_sizes(**bad)
 

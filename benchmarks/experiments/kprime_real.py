@@ -48,12 +48,11 @@ def main() -> int:
     from patchify import Patchify
     from patchify.backbones import load_backbone
     from patchify.datasets import load_composite
-    from patchify.evaluation import _query_pixels
     from patchify.index.flat import IMAGE_IDS_FILE, VECTORS_FILE
 
     dataset = load_composite(args.bench_dir)
     backbone = load_backbone("dinov2_vits14")
-    engine = Patchify(backbone=backbone, levels=args.level, embedding_cache=args.cache or True)
+    engine = Patchify(backbone=backbone, level=args.level, embedding_cache=args.cache or True)
     report = engine.add_images([str(p) for p in dataset.database])
     if report.from_cache < report.n_images:
         print(f"note: {report.n_images - report.from_cache} images were not in the cache and were encoded now")
@@ -62,7 +61,7 @@ def main() -> int:
         vectors = np.load(Path(tmp) / VECTORS_FILE).astype(np.float32)
         image_of = np.load(Path(tmp) / IMAGE_IDS_FILE)
     per_image = len(vectors) // report.n_images
-    queries = engine.embed_queries([_query_pixels(dataset, q) for q in range(dataset.n_queries)])
+    queries = engine.embed_queries([dataset.query_image(q) for q in range(dataset.n_queries)])
     print(f"{dataset.name}: {report.n_images} images x {per_image} patches (L{args.level}), "
           f"{len(queries)} object-crop queries; backbone {backbone.name} [{backbone.weights}]")
     # (label, patch vectors, image of each patch, queries): the real database twice, then the synthetic model.

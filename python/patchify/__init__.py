@@ -3,16 +3,23 @@
 Database images are cut into multi-scale grid patches (L0 = 1x1, L1 = +2x2, L2 = +3x3, L3 = +4x4), each
 patch is embedded by a frozen backbone, and an image's score for a query is the max cosine similarity over
 its patches; the winning patch's box says where the match is.
+
+`import patchify` and searching need numpy, Pillow, onnxruntime and faiss only; evaluation plots need the `eval`
+extra, exporting new backbones the `export` extra.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from . import _core
-from .engine import AddReport, Hit, Patchify, SkippedImage
-from .images import ImageError, load_rgb
+from .config import FlatConfig, IVFPQConfig, TilingConfig
+from .encoder import EncodedBatch, Encoder
+from .engine import Patchify
+from .errors import (BackboneMismatchError, CoreError, ImageError, IndexFormatError, PatchifyError,
+                     WeightsUnavailableError)
+from .images import load_rgb
 from .preprocess import Preprocess
-from .storage import IndexFormatError
+from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
 from .tiling import TileBatch, grid_sizes, patch_boxes, patches_per_image, tile_images
 
 if TYPE_CHECKING:
@@ -21,9 +28,10 @@ if TYPE_CHECKING:
 __version__ = _core.__version__
 
 __all__ = [
-    "AddReport", "Backbone", "Hit", "ImageError", "IndexFormatError", "Patchify", "Preprocess", "SkippedImage",
-    "TileBatch", "__version__", "grid_sizes", "load_backbone", "load_rgb", "patch_boxes", "patches_per_image",
-    "tile_images",
+    "AddReport", "Backbone", "BackboneMismatchError", "CoreError", "EncodedBatch", "Encoder", "FlatConfig", "Hit",
+    "IVFPQConfig", "ImageError", "ImageRecord", "IndexFormatError", "NewImage", "PatchTable", "Patchify",
+    "PatchifyError", "Preprocess", "SkippedImage", "TileBatch", "TilingConfig", "WeightsUnavailableError",
+    "__version__", "grid_sizes", "load_backbone", "load_rgb", "patch_boxes", "patches_per_image", "tile_images",
 ]
 
 

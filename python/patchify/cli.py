@@ -2,16 +2,32 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .engine import DEFAULT_BACKBONE, Patchify
+from .errors import PatchifyError
+
+from . import store
+from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_LEVEL, FlatConfig, IVFPQConfig
+from .engine import Patchify
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def _check_output_folder(out: Path, overwrite: bool, append: bool) -> None:
+    """Refuses, before any encoding, what would fail or destroy something after it."""
+    if (out / store.MANIFEST).is_file():
+        if not (overwrite or append):
+            raise FileExistsError(f"{out}: already holds an index; pass --overwrite to replace it or --append to "
+                                  "add to it")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not a Patchify index; choose another --out")
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot write there ({parent} is not writable)")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -25,9 +41,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not files:
         print(f"error: {args.images_dir}: no files to index (empty folder)", file=sys.stderr)
         return 2
-    engine = Patchify(backbone=args.backbone, levels=args.levels, index=args.index, overlap=args.overlap,
-                      batch_size=args.batch_size, num_threads=args.threads, nprobe=args.nprobe, nlist=args.nlist,
-                      m=args.m, nbits=args.nbits, embedding_cache=args.cache or None)
+    _check_output_folder(args.out, args.overwrite, args.append)
+    if args.append and (args.out / store.MANIFEST).is_file():
+        engine = Patchify.load(args.out, num_threads=args.threads, embedding_cache=args.cache or None)
+    else:
+        engine = Patchify(backbone=args.backbone, level=args.level, index=args.index, overlap=args.overlap,
+                          batch_size=args.batch_size, num_threads=args.threads, embedding_cache=args.cache or None,
+                          **_index_settings(args))
     started = time.perf_counter()
     report = engine.add_images(files, progress=not args.quiet)
     for skipped in report.skipped:
@@ -39,10 +59,16 @@ def cmd_index(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     backbone = engine.backbone
     print(f"indexed {report.n_images} images ({report.n_patches} patches, grids {list(engine.grids)}) "
-          f"in {seconds:.1f} s; skipped {len(report.skipped)}")
+          f"in {seconds:.1f} s; skipped {len(report.skipped)}; the index holds {engine.n_images} images")
     print(f"backbone: {backbone.name} [{backbone.weights}] on {backbone.provider}")
-    print(f"index: {out} ({engine.index_spec}, {_folder_bytes(out):,} bytes on disk)")
+    print(f"index: {out} ({engine.index_config.kind}, {store.folder_bytes(out):,} bytes on disk)")
     return 0
+
+
+def _index_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The index options given on the command line (None = the config's default)."""
+    names = ("dtype", "nlist", "m", "nbits", "nprobe", "training_source")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -70,14 +96,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import storage
-
-    manifest = storage.read_manifest(args.index_dir)
+    manifest = store.read_manifest(args.index_dir)
+    settings = store.describe(manifest)
+    if args.verify:
+        store.load(args.index_dir, verify=True)
     backbone = manifest["backbone"]
+    index = settings["index"]
+    options = ", ".join(f"{k}={v}" for k, v in index.items() if k not in ("kind", "dim"))
     print(f"index {args.index_dir}: format v{manifest['format_version']}, {manifest['n_images']} images, "
-          f"{manifest['n_patches']} patches, grids {manifest['grids']}, index {manifest['index']['spec']}")
+          f"{manifest['n_patches']} patches, grids {settings['tiling']['grids']}")
+    print(f"index kind: {index['kind']} (dim {index['dim']}; {options})")
     print(f"backbone: {backbone['name']} [{backbone.get('weights')}]")
-    print(f"{_folder_bytes(Path(args.index_dir)):,} bytes on disk")
+    print(f"{store.folder_bytes(Path(args.index_dir)):,} bytes on disk")
+    if args.verify:
+        print("verified: every file's size and sha256 match the manifest")
     return 0
 
 
@@ -109,8 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args)
     levels = [int(v) for v in args.levels.split(",")]
     indexes = [v for v in args.index.split(",") if v]
-    options = {"m": args.m, "nbits": args.nbits, "nprobe": args.nprobe, "nlist": args.nlist}
-    run = evaluate_levels(dataset, backbone=args.backbone, levels=levels, indexes=indexes, index_options=options,
+    run = evaluate_levels(dataset, backbone=args.backbone, levels=levels, indexes=indexes,
+                          index_settings=_index_settings(args),
                           embedding_cache=args.cache or True, num_threads=args.threads, progress=not args.quiet)
     print(f"\n{dataset.name}: {len(dataset.database)} database images, {dataset.n_queries} queries; "
           f"backbone {run.backbone} [{run.weights}]")
@@ -121,36 +153,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_index_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("index settings (defaults: patchify.config)")
+    group.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                       help=f"flat index storage (default {FlatConfig.dtype})")
+    group.add_argument("--nlist", type=int, default=None,
+                       help="IVFPQ coarse lists (default: ~4 sqrt(training patches))")
+    group.add_argument("--m", type=int, default=None,
+                       help=f"IVFPQ sub-quantisers, must divide the dimension (default {IVFPQConfig.m})")
+    group.add_argument("--nbits", type=int, default=None, help=f"IVFPQ bits per code (default {IVFPQConfig.nbits})")
+    group.add_argument("--nprobe", type=int, default=None,
+                       help=f"IVFPQ lists visited per query (default {IVFPQConfig.nprobe})")
+    group.add_argument("--training-source", dest="training_source", default=None,
+                       choices=["all", "salient"],
+                       help=f"IVFPQ training vectors (default {IVFPQConfig.training_source})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchify", description="Patch-wise instance retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
 
-    index = sub.add_parser("index", help="index a folder of images")
-    index.add_argument("images_dir", type=Path)
+    index = sub.add_parser("index", help="index a folder of images", formatter_class=formatter)
+    index.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
     index.add_argument("--out", type=Path, required=True, help="index folder to write")
-    index.add_argument("--levels", type=int, default=2, help="grid levels: L means grids 1..L+1 (default 2)")
-    index.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone name (default {DEFAULT_BACKBONE})")
+    written = index.add_mutually_exclusive_group()
+    written.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    written.add_argument("--append", action="store_true",
+                         help="add the images to the index already in --out (its settings win)")
+    index.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                       help="finest grid level L: each image is cut into the grids 1x1 .. (L+1)x(L+1)")
+    index.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name")
     index.add_argument("--index", default="flat", help="flat, ivfpq, or a faiss factory string like IVF1024,PQ48")
-    index.add_argument("--nlist", type=int, default=None)
-    index.add_argument("--m", type=int, default=48)
-    index.add_argument("--nbits", type=int, default=8)
-    index.add_argument("--nprobe", type=int, default=16)
-    index.add_argument("--overlap", type=float, default=0.0)
-    index.add_argument("--batch-size", type=int, default=32)
-    index.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    _add_index_options(index)
+    index.add_argument("--overlap", type=float, default=0.0,
+                       help="grow each cell by this fraction of its size on every side, in [0, 0.5)")
+    index.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per backbone call")
+    index.add_argument("--threads", type=int, default=0, help="threads for tiling and search; 0 = all cores")
     index.add_argument("--cache", default=None, help="embedding cache folder (encode each image once)")
-    index.add_argument("--quiet", action="store_true")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.set_defaults(func=cmd_index)
 
-    search = sub.add_parser("search", help="search an index with a query image")
+    search = sub.add_parser("search", help="search an index with a query image", formatter_class=formatter)
     search.add_argument("index_dir", type=Path)
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=10)
+    search.add_argument("query", help="query image file")
+    search.add_argument("-k", type=int, default=10, help="number of images to return")
     search.add_argument("--show", type=Path, default=None, help="draw the top results with their boxes into a PNG")
-    search.add_argument("--threads", type=int, default=0)
+    search.add_argument("--threads", type=int, default=0, help="0 = all cores")
     search.set_defaults(func=cmd_search)
 
-    evaluate = sub.add_parser("eval", help="mAP, LocScore and R@1 per grid level on a benchmark")
+    evaluate = sub.add_parser("eval", help="mAP, LocScore and R@1 per grid level on a benchmark",
+                              formatter_class=formatter)
     evaluate.add_argument("dataset", help="benchmark folder")
     evaluate.add_argument("--format", default="composite",
                           choices=["composite", "instre", "ilias", "roxford5k", "rparis6k"])
@@ -158,22 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="revisited Oxford/Paris protocol")
     evaluate.add_argument("--build", default=None, metavar="OBJECTS,POSITIVES,DISTRACTORS",
                           help="build the composite benchmark first if the folder has none, e.g. 50,8,500")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--levels", default="0,1,2,3", help="comma-separated grid levels (default 0,1,2,3)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of a composite benchmark built with --build")
+    evaluate.add_argument("--levels", default="0,1,2,3",
+                          help="comma-separated levels to evaluate (each as `index --level`)")
     evaluate.add_argument("--index", default="flat", help="comma-separated: flat, ivfpq, or faiss factory strings")
     evaluate.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    evaluate.add_argument("--nlist", type=int, default=None)
-    evaluate.add_argument("--m", type=int, default=48)
-    evaluate.add_argument("--nbits", type=int, default=8)
-    evaluate.add_argument("--nprobe", type=int, default=16)
-    evaluate.add_argument("--threads", type=int, default=0)
+    _add_index_options(evaluate)
+    evaluate.add_argument("--threads", type=int, default=0, help="0 = all cores")
     evaluate.add_argument("--cache", default=None, help="embedding cache folder (default: the user cache)")
     evaluate.add_argument("--out", type=Path, default=Path("eval_output"), help="folder for JSON and plots")
-    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_eval)
 
-    info = sub.add_parser("info", help="describe a saved index")
+    info = sub.add_parser("info", help="describe a saved index", formatter_class=formatter)
     info.add_argument("index_dir", type=Path)
+    info.add_argument("--verify", action="store_true", help="read every file and check its sha256")
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -182,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (PatchifyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

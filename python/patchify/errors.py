@@ -23,7 +23,7 @@ class ImageError(PatchifyError, ValueError):
         self.source = source
         self.reason = reason
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]  # picklable across processes (two-argument init)
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across processes (two-argument init)
         return (type(self), (self.source, self.reason))
 
 

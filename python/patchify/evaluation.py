@@ -1,7 +1,7 @@
 """`patchify eval`: accuracy and localisation per grid level, the paper's way (mAP, LocScore, R@1).
 
-Every database image is encoded once at the finest grid requested; coarser levels reuse those patch vectors
-through the embedding cache (levels nest: L3's patches contain L0..L2's). Queries are encoded once as global
+Every database image is encoded once at the finest level requested; coarser levels are given the rows of their
+grids through `Patchify.add_embeddings` (levels nest: L3's patches contain L0..L2's). Queries are encoded once as global
 descriptors. Each (level, index) pair then gets its own index, is searched with every query over the whole
 database (full rankings, so AP is exact), and is scored against the ground truth.
 """
@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, IndexConfig, TilingConfig, grids_for_level
+from .encoder import Encoder
 from .engine import Patchify
-from .images import load_rgb
+from .records import AddReport, PatchTable
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -79,72 +81,71 @@ class EvaluationRun:
         }
 
 
-def _query_pixels(dataset: "RetrievalDataset", q: int) -> np.ndarray:
-    """A query image, cut to its object box when the benchmark gives one (as revisited Oxford/Paris do)."""
-    pixels = load_rgb(dataset.queries[q])
-    box = dataset.query_boxes[q]
-    if box is None:
-        return pixels
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    crop = pixels[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
-    return np.ascontiguousarray(crop)
-
-
 def evaluate_levels(
     dataset: "RetrievalDataset",
     *,
-    backbone: "str | Backbone" = "dinov2_vits14",
+    backbone: "str | Backbone" = DEFAULT_BACKBONE,
     levels: Sequence[int] = (0, 1, 2, 3),
-    indexes: Sequence[str] = ("flat",),
-    index_options: dict[str, Any] | None = None,
+    indexes: Sequence["str | IndexConfig"] = ("flat",),
+    index_settings: dict[str, Any] | None = None,
     embedding_cache: bool | str | Path = True,
     num_threads: int = 0,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> EvaluationRun:
-    """Evaluates `dataset` at each grid level with each index kind ("flat", "ivfpq" or a faiss factory)."""
+    """Evaluates `dataset` at each level with each index ("flat", "ivfpq", a faiss factory string or a config).
+
+    The database is encoded once, at the finest level; each (level, index) engine gets the rows of its grids
+    through `Patchify.add_embeddings` (levels nest), so no image is read twice."""
     if not levels:
         raise ValueError("levels must name at least one grid level")
-    if any(int(level) < 0 for level in levels):
-        raise ValueError(f"levels must be >= 0, got {list(levels)}")
+    levels = sorted({int(level) for level in levels}, reverse=True)
+    for level in levels:
+        grids_for_level(level)  # validates
     if not dataset.database or not dataset.queries:
         raise ValueError(f"{dataset.name}: the dataset has no database images or no queries")
-    levels = sorted({int(level) for level in levels}, reverse=True)  # finest first: it fills the cache
-    options = dict(index_options or {})
-
-    first = Patchify(backbone=backbone, levels=levels[0], embedding_cache=embedding_cache, num_threads=num_threads,
-                     batch_size=batch_size)
-    model = first.backbone
+    settings = dict(index_settings or {})
+    encoder = Encoder(backbone, TilingConfig.for_level(levels[0]), batch_size=batch_size, num_threads=num_threads,
+                      embedding_cache=embedding_cache)
+    model = encoder.backbone
     run = EvaluationRun(dataset=dataset.name, backbone=model.name, weights=str(getattr(model, "weights", "")))
 
     started = time.perf_counter()
-    report = first.add_images([str(p) for p in dataset.database], progress=progress)
+    report = AddReport()
+    batches = list(encoder.encode_images([str(p) for p in dataset.database], report, progress=progress))
+    vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, 0), np.float32)
+    offsets = np.cumsum([0] + [len(b.images) for b in batches])
+    patches = PatchTable.concatenate(b.patches.with_image(b.patches.image + offsets[i]) for i, b in enumerate(batches))
+    images = [image for b in batches for image in b.images]
     run.skipped = [f"{s.source}: {s.reason}" for s in report.skipped]
-    queries = first.embed_queries([_query_pixels(dataset, q) for q in range(dataset.n_queries)])
+    queries = encoder.embed_queries([dataset.query_image(q) for q in range(dataset.n_queries)])
     run.encode_seconds = time.perf_counter() - started
-    log(f"encoded {report.n_images} database images ({report.n_patches} patches at L{levels[0]}) and "
+    log(f"encoded {len(images)} database images ({len(vectors)} patches at L{levels[0]}) and "
         f"{len(queries)} queries in {run.encode_seconds:.1f} s; skipped {len(report.skipped)}")
 
-    for kind in indexes:
+    for spec in indexes:
+        name = spec if isinstance(spec, str) else spec.kind
         for level in levels:
             build_started = time.perf_counter()
-            engine = Patchify(backbone=model, levels=level, index=kind, embedding_cache=embedding_cache,
-                              num_threads=num_threads, batch_size=batch_size, **options)
-            added = engine.add_images([str(p) for p in dataset.database], progress=False)
+            engine = Patchify(backbone=model, level=level, index=spec, num_threads=num_threads,
+                              batch_size=batch_size, **settings)
+            rows = np.isin(patches.grid, engine.grids)
+            engine.add_embeddings(vectors[rows], patches.select(rows), images)
             build_seconds = time.perf_counter() - build_started
             search_started = time.perf_counter()
-            hits = engine.search_batch(queries, k=added.n_images)
+            hits = engine.search_batch(list(queries), k=len(images))
             search_seconds = time.perf_counter() - search_started
             evaluation = dataset.evaluate(hits)
             index = engine.index
-            result = LevelResult(level=level, index=kind, evaluation=evaluation, n_patches=added.n_patches,
+            result = LevelResult(level=level, index=name, evaluation=evaluation, n_patches=int(rows.sum()),
                                  index_bytes=int(index.nbytes()) if index is not None else 0,
                                  build_seconds=build_seconds, search_seconds=search_seconds, hits=hits)
             run.results.append(result)
             s = result.summary
-            log(f"{kind} L{level}: mAP {s['mAP']:.4f}  LocScore {s['LocScore']:.4f}  R@1 {s['R@1']:.4f}")
-    run.results.sort(key=lambda r: (list(indexes).index(r.index), r.level))
+            log(f"{name} L{level}: mAP {s['mAP']:.4f}  LocScore {s['LocScore']:.4f}  R@1 {s['R@1']:.4f}")
+    order = list(dict.fromkeys(r.index for r in run.results))
+    run.results.sort(key=lambda r: (order.index(r.index), r.level))
     return run
 
 
@@ -194,6 +195,6 @@ def write_visual_report(result: LevelResult, dataset: "RetrievalDataset", path: 
     chosen = chosen[:n_queries]
     gts = [{str(dataset.database[i]): boxes for i, boxes in dataset.boxes[q].items()} for q in chosen]
     summary = {"level": f"L{result.level}", "index": result.index, **result.summary}
-    return save_report_html(path, [_query_pixels(dataset, q) for q in chosen], [result.hits[q] for q in chosen],
+    return save_report_html(path, [dataset.query_image(q) for q in chosen], [result.hits[q] for q in chosen],
                             groundtruth_boxes=gts, k=k, summary=summary,
                             title=f"{dataset.name}: top-{k} at L{result.level} ({result.index})")

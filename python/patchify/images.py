@@ -12,21 +12,14 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
+
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 # Decompression-bomb guard: a 20k x 20k photo is the largest we decode by default.
 DEFAULT_MAX_PIXELS = 400_000_000
 
 _WHITE = (255, 255, 255)
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; `source` names it and `reason` says why."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
 
 
 def describe_source(source: object) -> str:

@@ -144,7 +144,7 @@ def _is_hit_list(hits: Any) -> bool:
 
 def save_report_html(path: str | os.PathLike, query_image: Any, hits: Sequence[Any], *,
                      groundtruth_boxes: Any = None, k: int = 5, title: str = "Patchify search results",
-                     summary: Mapping[str, float] | None = None, **kwargs: Any) -> Path:
+                     summary: Mapping[str, object] | None = None, **kwargs: Any) -> Path:
     """Self-contained HTML (images embedded as base64 PNG, no external files): optional summary table, then per
     query the `draw_results` strip and a table of its top-k hits. For several queries pass lists:
     query_image=[q0, q1, ...], hits=[hits0, hits1, ...], groundtruth_boxes=[gt0, gt1, ...] (or None)."""

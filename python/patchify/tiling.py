@@ -1,6 +1,6 @@
 """Multi-scale grid patches: which boxes, and their pixels ready for the backbone.
 
-Levels nest: ``levels=L`` uses the grids 1x1, 2x2, ..., (L+1)x(L+1), i.e. 1, 5, 14, 30 patches per image for
+Levels nest: ``level=L`` uses the grids 1x1, 2x2, ..., (L+1)x(L+1), i.e. 1, 5, 14, 30 patches per image for
 L = 0..3. Cell (r, c) of a g x g grid on an H x W image spans x in [floor(c*W/g), floor((c+1)*W/g)) and y likewise,
 so the cells tile the image exactly; with ``overlap`` each side moves out by round(overlap * cell extent), clipped
 to the image. Patch order per image: grid by grid (ascending), each row-major.
@@ -10,7 +10,6 @@ the C++ core; `pillow_reference_patch` is the slow, obviously-right reference it
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,36 +17,22 @@ import numpy as np
 from PIL import Image
 
 from . import _core
+from .config import MAX_GRID, check_grids, grids_for_level
 from .preprocess import Preprocess
 
-MAX_GRID: int = _core.MAX_GRID
+__all__ = ["MAX_GRID", "TileBatch", "grid_sizes", "patch_boxes", "patches_per_image", "tile_images",
+           "prepare_whole_images", "pillow_reference_patch"]
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
-def grid_sizes(levels: int | Sequence[int] | None = None, grids: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The grid sizes to tile with, ascending: ``levels=L`` -> (1, ..., L+1); or an explicit ``grids`` list
-    (e.g. ``[1, 3]``). A sequence passed as ``levels`` is taken as grids."""
-    if levels is not None and not isinstance(levels, numbers.Integral):
-        if grids is not None:
-            raise ValueError("give levels or grids, not both")
-        levels, grids = None, levels
-    if (levels is None) == (grids is None):
-        raise ValueError("give exactly one of levels (an int >= 0) or grids (a list of grid sizes)")
-    if levels is not None:
-        if isinstance(levels, bool) or not 0 <= int(levels) < MAX_GRID:
-            raise ValueError(f"levels must be an integer in [0, {MAX_GRID - 1}], got {levels!r}")
-        return tuple(range(1, int(levels) + 2))
-    values = list(grids)  # type: ignore[arg-type]
-    if not values:
-        raise ValueError("grids must not be empty")
-    for g in values:
-        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or not 1 <= int(g) <= MAX_GRID:
-            raise ValueError(f"grid sizes must be integers in [1, {MAX_GRID}], got {g!r}")
-    if len(set(int(g) for g in values)) != len(values):
-        raise ValueError(f"grid sizes must be distinct, got {values}")
-    return tuple(sorted(int(g) for g in values))
+def grid_sizes(level: int | None = None, *, grids: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The grid sizes to tile with, ascending: ``level=L`` -> (1, ..., L+1); or explicit ``grids`` (e.g.
+    ``grids=[1, 3]``), validated and sorted. Exactly one of the two."""
+    if (level is None) == (grids is None):
+        raise ValueError("give exactly one of level (an int >= 0) or grids (a list of grid sizes)")
+    return grids_for_level(level) if level is not None else check_grids(grids)  # type: ignore[arg-type]
 
 
 def patches_per_image(grids: Sequence[int]) -> int:
@@ -123,7 +108,8 @@ def pillow_reference_patch(image: np.ndarray | Image.Image, box: Sequence[int], 
     if pil.mode != "RGB":
         pil = pil.convert("RGB")
     size = int(preprocess.input_size)
-    patch = pil.crop(tuple(int(v) for v in box)).resize((size, size), _RESAMPLE[preprocess.interpolation])
+    x0, y0, x1, y1 = (int(v) for v in box)
+    patch = pil.crop((x0, y0, x1, y1)).resize((size, size), _RESAMPLE[preprocess.interpolation])
     mean = np.asarray(preprocess.mean, dtype=np.float32)
     std = np.asarray(preprocess.std, dtype=np.float32)
     pixels = np.asarray(patch, dtype=np.float32) / np.float32(255.0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SOURCES = ("all", "given", "gt-aligned", "salient")
+from .config import TRAINING_SOURCES as SOURCES
 DEFAULT_MAX_VECTORS = 262_144  # faiss's k-means itself never uses more than 256 points per centroid
 SALIENT_FRACTION = 0.5  # share of each image's sub-patches kept by "salient"
 GT_IOU = 0.3

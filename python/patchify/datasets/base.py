@@ -65,6 +65,19 @@ class RetrievalDataset:
             return self._index[key]
         return self._index[os.path.realpath(key)]
 
+    def query_image(self, q: int) -> np.ndarray:
+        """Query q's pixels (HxWx3 uint8), cut to its object box when the benchmark gives one (as revisited
+        Oxford/Paris do)."""
+        from ..images import load_rgb
+
+        pixels = load_rgb(self.queries[q])
+        box = self.query_boxes[q]
+        if box is None:
+            return pixels
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        crop = pixels[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
+        return np.ascontiguousarray(crop)
+
     def evaluate(self, hits_per_query: Sequence[Sequence[Any]], **kwargs: Any) -> RetrievalEvaluation:
         """Evaluate engine results (one list of `Hit` per query, in query order); kwargs go to
         `evaluate_rankings` (map_k, recall_ks, variant, ties)."""

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import numbers
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..config import IndexConfig
 
 
 @runtime_checkable
@@ -13,8 +16,12 @@ class PatchIndex(Protocol):
     """Stores L2-normalised patch vectors, each tagged with a global patch id and the id of its image, and
     ranks images for a query by the max inner product over their patches.
 
-    search() returns three (nq, k) arrays: scores (float32, best first), image ids and winning patch ids
-    (int64); rows with fewer than k images are padded with -inf / -1.
+    search() returns three (nq, kk) arrays, kk = min(k, images stored) so that memory never depends on k alone:
+    scores (float32, best first), image ids and winning patch ids (int64); rows with fewer than kk images are
+    padded with -inf / -1.
+
+    save_files() writes the index's data (no settings: `config` says them, and the caller stores it) and returns
+    the file names; each kind has a `load_files` class method taking the config back.
     """
 
     kind: str
@@ -22,7 +29,13 @@ class PatchIndex(Protocol):
     num_threads: int
 
     @property
+    def config(self) -> "IndexConfig": ...
+
+    @property
     def ntotal(self) -> int: ...
+
+    @property
+    def n_images(self) -> int: ...
 
     @property
     def is_trained(self) -> bool: ...
@@ -37,7 +50,7 @@ class PatchIndex(Protocol):
 
     def nbytes(self) -> int: ...
 
-    def save(self, directory: Path) -> None: ...
+    def save_files(self, directory: Path) -> list[str]: ...
 
 
 # Input checks shared by every index, so that flat and IVFPQ reject the same bad input with the same message.
@@ -80,10 +93,16 @@ def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
 
 def check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        raise ValueError(f"k must be an integer >= 1, got {k!r}"[:200])
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return int(k)
+
+
+def result_width(k: int, n_images: int) -> int:
+    """Columns of a search result: min(k, n_images). A search never allocates for more images than exist, so
+    k = 10**20 costs what k = n_images costs."""
+    return min(check_k(k), max(int(n_images), 0))
 
 
 def check_ids(ids: np.ndarray, name: str, n: int) -> np.ndarray:

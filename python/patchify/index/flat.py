@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core
-from ..storage import IndexFormatError
-from .base import check_ids, check_k, check_queries, check_vectors
+from ..config import FlatConfig
+from ..errors import IndexFormatError
+from .base import check_ids, check_queries, check_vectors, result_width
 
 VECTORS_FILE = "flat_vectors.npy"
 PATCH_IDS_FILE = "flat_patch_ids.npy"
 IMAGE_IDS_FILE = "flat_image_ids.npy"
-_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class FlatIndex:
@@ -35,13 +35,16 @@ class FlatIndex:
     """
 
     kind = "flat"
+    dim: int
+    dtype: str
+    num_threads: int
+    _core: _core.FlatPatchIndex
 
-    def __init__(self, dim: int, dtype: str = "float32", num_threads: int = 0) -> None:
+    def __init__(self, dim: int, dtype: str = FlatConfig.dtype, num_threads: int = 0) -> None:
         if not isinstance(dim, numbers.Integral) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        FlatConfig(dtype=dtype)  # validates
         self.dim = int(dim)
         self.dtype = dtype
         self.num_threads = int(num_threads)
@@ -51,6 +54,10 @@ class FlatIndex:
         return f"FlatIndex(dim={self.dim}, dtype={self.dtype!r}, ntotal={self.ntotal}, images={self.n_images})"
 
     # ------------------------------------------------------------------ PatchIndex protocol
+    @property
+    def config(self) -> FlatConfig:
+        return FlatConfig(dtype=self.dtype)
+
     @property
     def ntotal(self) -> int:
         """Number of stored patch vectors."""
@@ -83,45 +90,84 @@ class FlatIndex:
         return int(self._core.remove_images(check_ids(np.atleast_1d(np.asarray(image_ids)), "image_ids", -1)))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k images for each query: (scores float32, image ids int64, winning patch ids int64), each (nq, k),
-        best first; padded with -inf / -1 when fewer than k images are stored. A 1-D query is a batch of one."""
-        k = check_k(k)
+        """Top-k images for each query: (scores float32, image ids int64, winning patch ids int64), each
+        (nq, min(k, images stored)), best first. A 1-D query is a batch of one."""
         queries = check_queries(queries, self.dim)
+        k = result_width(k, self.n_images)
+        if k == 0:
+            return (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64),
+                    np.zeros((len(queries), 0), np.int64))
         return self._core.search(queries, k, self.num_threads)
 
     def nbytes(self) -> int:
         """Bytes of memory the index holds (vectors, ids and the per-image tables)."""
         return int(self._core.nbytes())
 
-    def save(self, directory: Path | str) -> None:
-        """Writes flat_vectors.npy, flat_patch_ids.npy and flat_image_ids.npy into `directory` (created if
-        missing). Rows are written grouped by image. Do not add/remove from other threads while saving."""
+    def save_files(self, directory: Path | str) -> list[str]:
+        """Writes the vectors and their patch ids (rows grouped by image) into `directory`, no settings; returns
+        the file names. Do not add/remove from other threads while saving."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Views of the C++ buffers: np.save streams them, so a large index is not duplicated in memory.
         np.save(directory / VECTORS_FILE, self._core.vectors_view(), allow_pickle=False)
         np.save(directory / PATCH_IDS_FILE, self._core.patch_ids_view(), allow_pickle=False)
-        np.save(directory / IMAGE_IDS_FILE, self._core.row_image_ids(), allow_pickle=False)
+        return [VECTORS_FILE, PATCH_IDS_FILE]
+
+    @classmethod
+    def load_files(cls, directory: Path | str, config: FlatConfig, dim: int, patch_image: np.ndarray,
+                   num_threads: int = 0) -> "FlatIndex":
+        """Reads what `save_files` wrote; the image of each patch comes from the caller's patch table
+        (patch id -> image id, -1 = removed)."""
+        directory = Path(directory)
+        vectors, patch_ids = cls._read_rows(directory, dim)
+        patch_image = np.asarray(patch_image)
+        if len(patch_ids) and (patch_ids.min() < 0 or patch_ids.max() >= len(patch_image)):
+            raise IndexFormatError(f"{directory / PATCH_IDS_FILE}: patch ids outside the patch table "
+                                   f"(0..{len(patch_image) - 1})")
+        image_ids = patch_image[patch_ids].astype(np.int64)
+        if (image_ids < 0).any() or (patch_image >= 0).sum() != len(patch_ids):
+            raise IndexFormatError(f"{directory / PATCH_IDS_FILE}: {len(patch_ids)} stored patches do not match "
+                                   f"the {(patch_image >= 0).sum()} patches of images not removed")
+        return cls._from_rows(directory, vectors, patch_ids, image_ids, config.dtype, num_threads)
+
+    def save(self, directory: Path | str) -> None:
+        """Standalone persistence (an index used without the engine): `save_files` plus flat_image_ids.npy."""
+        self.save_files(directory)
+        np.save(Path(directory) / IMAGE_IDS_FILE, self._core.row_image_ids(), allow_pickle=False)
 
     @classmethod
     def load(cls, directory: Path | str, dim: int | None = None, num_threads: int = 0) -> "FlatIndex":
-        """Reads an index written by `save`. `dim`, when given, must match the stored vectors. Missing, corrupt
-        or inconsistent files raise IndexFormatError (a ValueError) naming the file."""
+        """Reads what `save` wrote. `dim`, when given, must match the stored vectors. Missing, corrupt or
+        inconsistent files raise IndexFormatError (a ValueError) naming the file."""
         directory = Path(directory)
+        vectors, patch_ids = cls._read_rows(directory, dim)
+        image_ids = _load_npy(directory / IMAGE_IDS_FILE)
+        if image_ids.ndim != 1 or image_ids.shape[0] != len(patch_ids) or image_ids.dtype != np.int64:
+            raise IndexFormatError(f"{directory / IMAGE_IDS_FILE}: expected {len(patch_ids)} int64 ids, got "
+                                   f"{image_ids.dtype} with shape {image_ids.shape}")
+        return cls._from_rows(directory, vectors, patch_ids, image_ids, vectors.dtype.name, num_threads)
+
+    @staticmethod
+    def _read_rows(directory: Path, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
         vectors = _load_npy(directory / VECTORS_FILE)
         patch_ids = _load_npy(directory / PATCH_IDS_FILE)
-        image_ids = _load_npy(directory / IMAGE_IDS_FILE)
         if vectors.ndim != 2 or vectors.dtype not in (np.float32, np.float16):
             raise IndexFormatError(f"{directory / VECTORS_FILE}: expected a 2-D float32/float16 array, "
                                    f"got {vectors.dtype} with shape {vectors.shape}")
         if dim is not None and vectors.shape[1] != dim:
-            raise ValueError(f"{directory / VECTORS_FILE}: vectors have dimension {vectors.shape[1]}, expected {dim}")
-        n = vectors.shape[0]
-        for name, ids in ((PATCH_IDS_FILE, patch_ids), (IMAGE_IDS_FILE, image_ids)):
-            if ids.ndim != 1 or ids.shape[0] != n or ids.dtype != np.int64:
-                raise IndexFormatError(f"{directory / name}: expected {n} int64 ids, got {ids.dtype} with shape "
-                                       f"{ids.shape}")
-        index = cls(vectors.shape[1], dtype=vectors.dtype.name, num_threads=num_threads)
+            raise IndexFormatError(f"{directory / VECTORS_FILE}: vectors have dimension {vectors.shape[1]}, "
+                                   f"expected {dim}")
+        if patch_ids.ndim != 1 or patch_ids.shape[0] != vectors.shape[0] or patch_ids.dtype != np.int64:
+            raise IndexFormatError(f"{directory / PATCH_IDS_FILE}: expected {vectors.shape[0]} int64 ids, got "
+                                   f"{patch_ids.dtype} with shape {patch_ids.shape}")
+        return vectors, patch_ids
+
+    @classmethod
+    def _from_rows(cls, directory: Path, vectors: np.ndarray, patch_ids: np.ndarray, image_ids: np.ndarray,
+                   dtype: str, num_threads: int) -> "FlatIndex":
+        if vectors.dtype.name != dtype:
+            raise IndexFormatError(f"{directory / VECTORS_FILE}: {vectors.dtype} vectors, the settings say {dtype}")
+        index = cls(vectors.shape[1], dtype=dtype, num_threads=num_threads)
         try:
             index._core.add(np.ascontiguousarray(vectors), patch_ids, image_ids)
         except ValueError as exc:
@@ -147,7 +193,7 @@ def _load_npy(path: Path) -> np.ndarray:
         raise IndexFormatError(f"{path}: missing from the index folder")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError) as exc:  # truncated or garbled .npy
         raise IndexFormatError(f"{path}: corrupt ({exc})") from None
 
 

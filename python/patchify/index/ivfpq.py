@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import _core
-from .base import check_ids, check_k, check_queries, check_vectors
+from ..config import MIN_POINTS_PER_CENTROID, IVFPQConfig
+from ..errors import IndexFormatError
+from .base import check_ids, check_queries, check_vectors, result_width
 
 FORMAT_NAME = "patchify-ivfpq"
 FORMAT_VERSION = 1
@@ -34,9 +35,6 @@ INDEX_FILE = "ivfpq_index.faiss"
 MAP_FILE = "ivfpq_patch_image.npy"
 META_FILE = "ivfpq_meta.json"
 
-# faiss's k-means warns below 39 training points per centroid (and the clustering degrades): we make it an error.
-MIN_POINTS_PER_CENTROID = 39
-_FACTORY = re.compile(r"^IVF(\d+),PQ(\d+)(?:x(\d+))?$", re.IGNORECASE)
 
 
 def _faiss() -> Any:
@@ -62,26 +60,23 @@ class IVFPQIndex:
 
     kind = "ivfpq"
 
-    def __init__(self, dim: int, nlist: int | None = None, m: int = 48, nbits: int = 8, nprobe: int = 16,
-                 num_threads: int = 0, *, factory: str | None = None, train_iterations: int | None = None,
-                 coarse: str = "native") -> None:
+    def __init__(self, dim: int, nlist: int | None = IVFPQConfig.nlist, m: int = IVFPQConfig.m,
+                 nbits: int = IVFPQConfig.nbits, nprobe: int = IVFPQConfig.nprobe, num_threads: int = 0, *,
+                 factory: str | None = None, train_iterations: int | None = None, coarse: str = "native",
+                 training_source: str = IVFPQConfig.training_source) -> None:
         if factory is not None:
-            match = _FACTORY.match(factory.replace(" ", ""))
-            if not match:
-                raise ValueError(f"factory must look like 'IVF4096,PQ48' or 'IVF4096,PQ48x8', got {factory!r}")
-            nlist, m = int(match.group(1)), int(match.group(2))
-            nbits = int(match.group(3) or 8)
+            parsed = IVFPQConfig.from_factory(factory)
+            nlist, m, nbits = parsed.nlist, parsed.m, parsed.nbits
+        # The config checks each setting's range; what depends on the dimension is checked here.
+        IVFPQConfig(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, training_source=training_source)
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
-        if m <= 0 or dim % m:
+        if dim % m:
             raise ValueError(f"m (PQ sub-quantisers, {m}) must divide the dimension {dim}")
-        if not 1 <= nbits <= 16:
-            raise ValueError(f"nbits must be in [1, 16], got {nbits}")
         if coarse not in ("native", "faiss"):
             raise ValueError(f"coarse must be 'native' or 'faiss', got {coarse!r}")
-        if nlist is not None and nlist < 1:
-            raise ValueError(f"nlist must be >= 1 or None (automatic), got {nlist}")
         self.dim = int(dim)
+        self.training_source = training_source  # recorded with the index: which vectors trained its codebooks
         self.nlist = None if nlist is None else int(nlist)
         self.m = int(m)
         self.nbits = int(nbits)
@@ -101,9 +96,41 @@ class IVFPQIndex:
         self._lists_stale = True
 
     # ------------------------------------------------------------------ state
+    @classmethod
+    def from_faiss(cls, faiss_index: Any, *, nprobe: int = IVFPQConfig.nprobe, num_threads: int = 0,
+                   coarse: str = "native") -> "IVFPQIndex":
+        """Wraps a trained, empty faiss IndexIVFPQ (inner product, by residual), e.g. one trained elsewhere."""
+        ivf = _checked_faiss_index(faiss_index, "faiss_index")
+        if ivf.ntotal:
+            raise ValueError(f"from_faiss takes an empty trained index (it holds {ivf.ntotal} vectors): patch -> "
+                             "image ids are only known for vectors added through IVFPQIndex.add")
+        self = cls(int(ivf.d), nlist=int(ivf.nlist), m=int(ivf.pq.M), nbits=int(ivf.pq.nbits), nprobe=nprobe,
+                   num_threads=num_threads, coarse=coarse)
+        self._index = ivf
+        self._build_scanner()
+        return self
+
+    @property
+    def config(self) -> IVFPQConfig:
+        """The settings as they are now (nlist as trained, nprobe as last set)."""
+        return IVFPQConfig(nlist=self.nlist, m=self.m, nbits=self.nbits, nprobe=int(self.nprobe),
+                           training_source=self.training_source)
+
     @property
     def ntotal(self) -> int:
         return 0 if self._index is None else int(self._index.ntotal)
+
+    @property
+    def n_images(self) -> int:
+        """Images with at least one patch in the index."""
+        live = self._map[self._map >= 0]
+        return int(len(np.unique(live)))
+
+    def patch_image_map(self) -> np.ndarray:
+        """Read-only int32 array: patch id -> image id (-1: never added or removed)."""
+        view = self._map.view()
+        view.flags.writeable = False
+        return view
 
     @property
     def is_trained(self) -> bool:
@@ -111,8 +138,7 @@ class IVFPQIndex:
 
     def min_training_vectors(self, nlist: int | None = None) -> int:
         """Training vectors needed: MIN_POINTS_PER_CENTROID per coarse list and per PQ centroid (2^nbits)."""
-        nlist = self.nlist if nlist is None else nlist
-        return MIN_POINTS_PER_CENTROID * max(nlist or 1, 1 << self.nbits)
+        return self.config.min_training_vectors(nlist)
 
     def train(self, vectors: np.ndarray) -> None:
         faiss = _faiss()
@@ -177,9 +203,11 @@ class IVFPQIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        k = check_k(k)
+        """Top-k images per query: (scores, image ids, patch ids), each (nq, min(k, images stored)), best first;
+        padded with -inf / -1 where the probed lists hold fewer images."""
         q = check_queries(queries, self.dim)
-        if self.ntotal == 0:
+        k = result_width(k, self._num_images)
+        if self.ntotal == 0 or k == 0:
             return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64),
                     np.full((len(q), k), -1, np.int64))
         scanner = self._ready_scanner()
@@ -189,6 +217,11 @@ class IVFPQIndex:
 
     def _nprobe(self) -> int:
         return max(1, min(int(self.nprobe), int(self._index.nlist)))
+
+    def coarse_probe(self, query: np.ndarray, nprobe: int) -> np.ndarray:
+        """The lists the native (C++) coarse search visits for one query."""
+        q = check_queries(query, self.dim)
+        return self._ready_scanner().coarse_probe(q[0], int(nprobe))
 
     def probe(self, queries: np.ndarray) -> np.ndarray:
         """The inverted lists faiss itself would visit: the quantiser's top-nprobe lists per query (nq, nprobe)."""
@@ -215,22 +248,57 @@ class IVFPQIndex:
         return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: Path) -> None:
+    def save_files(self, directory: Path) -> list[str]:
+        """Writes the faiss index (codes, lists, codebooks) into `directory`, no settings; returns the file names.
+        The patch -> image map and the settings are the caller's to store (patchify.store)."""
         if self._index is None:
             raise ValueError("IVFPQIndex.save: nothing to save, the index is not trained")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _faiss().write_index(self._index, str(directory / INDEX_FILE))
+        return [INDEX_FILE]
+
+    @classmethod
+    def load_files(cls, directory: Path, config: IVFPQConfig, dim: int, patch_image: np.ndarray, n_images: int,
+                   num_threads: int = 0) -> "IVFPQIndex":
+        """Reads what `save_files` wrote; settings and the patch -> image map (-1 = removed) come from the
+        caller. Errors name the file."""
+        path = Path(directory) / INDEX_FILE
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: missing from the index folder")
+        try:
+            ivf = _checked_faiss_index(_faiss().read_index(str(path)), str(path))
+        except (RuntimeError, ValueError) as exc:
+            raise IndexFormatError(f"{path}: corrupt or not an inner-product IVFPQ index ({exc})") from None
+        if (ivf.d, ivf.pq.M, ivf.pq.nbits) != (dim, config.m, config.nbits) or \
+                (config.nlist is not None and ivf.nlist != config.nlist):
+            raise IndexFormatError(f"{path}: d/nlist/M/nbits {ivf.d}/{ivf.nlist}/{ivf.pq.M}/{ivf.pq.nbits} do not "
+                                   f"match the manifest's {dim}/{config.nlist}/{config.m}/{config.nbits}")
+        patch_map = np.ascontiguousarray(patch_image, dtype=np.int32)
+        if int((patch_map >= 0).sum()) != ivf.ntotal:
+            raise IndexFormatError(f"{path}: {ivf.ntotal} indexed patches, the patch table has "
+                                   f"{int((patch_map >= 0).sum())} of images not removed")
+        self = cls(dim, nlist=int(ivf.nlist), m=config.m, nbits=config.nbits, nprobe=config.nprobe,
+                   num_threads=num_threads, training_source=config.training_source)
+        self._index = ivf
+        self._map = patch_map
+        self._num_images = int(n_images)
+        self._build_scanner()
+        return self
+
+    def save(self, directory: Path) -> None:
+        """Standalone persistence (an index used without the engine): the faiss file plus the patch -> image map
+        and the settings. The engine's saved folders use `save_files` and keep those in their manifest."""
+        directory = Path(directory)
+        self.save_files(directory)
         np.save(directory / MAP_FILE, self._map)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dim": self.dim, "nlist": self.nlist,
-                "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe, "ntotal": self.ntotal,
-                "num_images": self._num_images}
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dim": self.dim, "ntotal": self.ntotal,
+                "num_images": self._num_images, **self.config.to_dict()}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, directory: Path, num_threads: int = 0) -> "IVFPQIndex":
-        from ..storage import IndexFormatError
-
+        """Reads what `save` wrote."""
         directory = Path(directory)
         paths = [directory / name for name in (META_FILE, INDEX_FILE, MAP_FILE)]
         missing = [p.name for p in paths if not p.exists()]
@@ -245,27 +313,20 @@ class IVFPQIndex:
         if meta.get("format_version") != FORMAT_VERSION:
             raise IndexFormatError(f"{paths[0]}: IVFPQ format version {meta.get('format_version')!r} is not "
                                    f"supported (this Patchify reads version {FORMAT_VERSION})")
-        faiss = _faiss()
-        index = faiss.read_index(str(paths[1]))
-        if not isinstance(index, faiss.IndexIVFPQ) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
-                or not index.by_residual:
-            raise IndexFormatError(f"{paths[1]}: expected an inner-product, by-residual faiss IndexIVFPQ")
-        if (index.d, index.nlist, index.pq.M, index.pq.nbits, index.ntotal) != \
-                (meta["dim"], meta["nlist"], meta["m"], meta["nbits"], meta["ntotal"]):
-            raise IndexFormatError(f"{directory}: {INDEX_FILE} does not match {META_FILE} "
-                                   f"(d/nlist/M/nbits/ntotal {index.d}/{index.nlist}/{index.pq.M}/{index.pq.nbits}/"
-                                   f"{index.ntotal} vs {meta['dim']}/{meta['nlist']}/{meta['m']}/{meta['nbits']}/"
-                                   f"{meta['ntotal']})")
-        patch_map = np.load(paths[2], allow_pickle=False)
-        if patch_map.dtype != np.int32 or patch_map.ndim != 1 or int((patch_map >= 0).sum()) != index.ntotal:
-            raise IndexFormatError(f"{paths[2]}: patch -> image map does not match the {index.ntotal} indexed patches")
-        self = cls(int(meta["dim"]), nlist=int(meta["nlist"]), m=int(meta["m"]), nbits=int(meta["nbits"]),
-                   nprobe=int(meta["nprobe"]), num_threads=num_threads)
-        self._index = index
-        self._map = patch_map
-        self._num_images = int(meta["num_images"])
-        self._build_scanner()
-        return self
+        try:
+            patch_map = np.load(paths[2], allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise IndexFormatError(f"{paths[2]}: corrupt ({exc})") from None
+        if patch_map.dtype != np.int32 or patch_map.ndim != 1 or int((patch_map >= 0).sum()) != meta["ntotal"]:
+            raise IndexFormatError(f"{paths[2]}: patch -> image map does not match the {meta['ntotal']} indexed "
+                                   "patches")
+        config = IVFPQConfig(nlist=meta["nlist"], m=meta["m"], nbits=meta["nbits"], nprobe=meta["nprobe"],
+                             training_source=meta.get("training_source", IVFPQConfig.training_source))
+        try:
+            return cls.load_files(directory, config, int(meta["dim"]), patch_map, int(meta["num_images"]),
+                                  num_threads=num_threads)
+        except IndexFormatError as exc:
+            raise IndexFormatError(f"{directory}: {INDEX_FILE} does not match {META_FILE} ({exc})") from None
 
     # ------------------------------------------------------------------ internals
     def _build_scanner(self) -> None:
@@ -299,3 +360,11 @@ class IVFPQIndex:
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
+
+
+def _checked_faiss_index(index: Any, what: str) -> Any:
+    faiss = _faiss()
+    if not isinstance(index, faiss.IndexIVFPQ) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
+            or not index.by_residual or not index.is_trained:
+        raise ValueError(f"{what}: expected a trained inner-product, by-residual faiss IndexIVFPQ")
+    return index

@@ -1,0 +1,204 @@
+"""Settings, typed: the only place where Patchify's defaults are written.
+
+- `TilingConfig`: how database images are cut into patches (grid sizes, overlap, input size).
+- One config per index kind: `FlatConfig` (storage dtype) and `IVFPQConfig` (nlist, m, nbits, nprobe, training
+  source). Each builds its index (`create`) and round-trips through a plain dict (`to_dict` / `index_config_from_dict`)
+  so that the store can write every setting into one manifest.
+
+Words used everywhere: a **level** is an int L >= 0 naming grid L+1 (L0 = the whole image, L1 = the 2x2 grid, ...);
+"level=L" means all grids up to L+1 (levels nest); **levels** is a list of levels. Explicit grid sizes
+(`grids=[1, 3]`) are the escape hatch for non-nested sets.
+
+The engine, the CLI and the benchmarks read their defaults from these classes (e.g. `IVFPQConfig.m`).
+"""
+from __future__ import annotations
+
+import numbers
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
+
+from . import _core
+
+if TYPE_CHECKING:
+    from .index.flat import FlatIndex
+    from .index.ivfpq import IVFPQIndex
+
+MAX_GRID: int = _core.MAX_GRID
+DEFAULT_BACKBONE = "dinov2_vits14"
+DEFAULT_LEVEL = 2  # L2: grids 1x1, 2x2, 3x3 (14 patches per image): the paper's best accuracy per byte
+DEFAULT_BATCH_SIZE = 32  # patches per backbone call (and per indexing step)
+TRAINING_SOURCES = ("all", "given", "gt-aligned", "salient")  # see patchify.training
+# faiss's k-means warns below 39 training points per centroid (and the clustering degrades): we make it an error.
+MIN_POINTS_PER_CENTROID = 39
+
+
+def grids_for_level(level: int) -> tuple[int, ...]:
+    """The grid sizes of `level`: (1, 2, ..., level + 1)."""
+    if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 0 <= int(level) < MAX_GRID:
+        raise ValueError(f"level must be an integer in [0, {MAX_GRID - 1}], got {level!r}")
+    return tuple(range(1, int(level) + 2))
+
+
+def check_grids(grids: Sequence[int]) -> tuple[int, ...]:
+    """Distinct grid sizes in [1, MAX_GRID], sorted ascending."""
+    if isinstance(grids, (str, bytes)) or not isinstance(grids, Sequence):
+        raise ValueError(f"grids must be a list of grid sizes, got {grids!r}")
+    values = list(grids)
+    if not values:
+        raise ValueError("grids must not be empty")
+    for g in values:
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or not 1 <= int(g) <= MAX_GRID:
+            raise ValueError(f"grid sizes must be integers in [1, {MAX_GRID}], got {g!r}")
+    if len({int(g) for g in values}) != len(values):
+        raise ValueError(f"grid sizes must be distinct, got {values}")
+    return tuple(sorted(int(g) for g in values))
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Which patches each database image is cut into.
+
+    grids: grid sizes, ascending (default: those of DEFAULT_LEVEL). overlap: each cell side moves out by
+    round(overlap * cell extent), in [0, 0.5). input_size: the side patches are resized to; None = the backbone's
+    own (a fixed-size export accepts nothing else: the encoder checks)."""
+
+    grids: tuple[int, ...] = grids_for_level(DEFAULT_LEVEL)
+    overlap: float = 0.0
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grids", check_grids(self.grids))
+        if not 0.0 <= float(self.overlap) < 0.5:
+            raise ValueError(f"overlap must be in [0, 0.5), got {self.overlap}")
+        object.__setattr__(self, "overlap", float(self.overlap))
+        if self.input_size is not None and (isinstance(self.input_size, bool) or int(self.input_size) < 1):
+            raise ValueError(f"input_size must be a positive integer or None, got {self.input_size!r}")
+
+    @classmethod
+    def for_level(cls, level: int, **kwargs: Any) -> "TilingConfig":
+        return cls(grids=grids_for_level(level), **kwargs)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The level of each grid (grid g is level g - 1)."""
+        return tuple(g - 1 for g in self.grids)
+
+    @property
+    def patches_per_image(self) -> int:
+        return sum(g * g for g in self.grids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grids": list(self.grids), "overlap": self.overlap, "input_size": self.input_size}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TilingConfig":
+        return cls(grids=tuple(data["grids"]), overlap=float(data.get("overlap", 0.0)),
+                   input_size=data.get("input_size"))
+
+
+@dataclass(frozen=True)
+class FlatConfig:
+    """Exact search over every patch vector. dtype: storage, "float32" or "float16" (half the memory; queries and
+    arithmetic stay float32)."""
+
+    kind: ClassVar[str] = "flat"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
+
+    def create(self, dim: int, num_threads: int = 0) -> "FlatIndex":
+        from .index.flat import FlatIndex
+
+        return FlatIndex(dim, dtype=self.dtype, num_threads=num_threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+_FACTORY = re.compile(r"^IVF(\d+),PQ(\d+)(?:x(\d+))?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class IVFPQConfig:
+    """Compressed search: faiss IVFPQ codes scanned by the fused C++ max-over-patches scanner.
+
+    nlist: coarse lists (None: ~4 sqrt(training vectors), chosen at training time); m: PQ sub-quantisers (must
+    divide the dimension); nbits: bits per sub-quantiser code; nprobe: lists visited per query (a search-time
+    setting: change it on the index at any time); training_source: which vectors train the codebooks
+    (see patchify.training)."""
+
+    kind: ClassVar[str] = "ivfpq"
+    nlist: int | None = None
+    m: int = 48
+    nbits: int = 8
+    nprobe: int = 16
+    training_source: str = "all"
+
+    def __post_init__(self) -> None:
+        for name in ("m", "nbits", "nprobe"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.nlist is not None and (isinstance(self.nlist, bool) or not isinstance(self.nlist, numbers.Integral)
+                                       or self.nlist < 1):
+            raise ValueError(f"nlist must be a positive integer or None (automatic), got {self.nlist!r}")
+        if not 1 <= self.nbits <= 16:
+            raise ValueError(f"nbits must be in [1, 16], got {self.nbits}")
+        if self.training_source not in TRAINING_SOURCES:
+            raise ValueError(f"training_source must be one of {TRAINING_SOURCES}, got {self.training_source!r}")
+
+    @classmethod
+    def from_factory(cls, spec: str, **kwargs: Any) -> "IVFPQConfig":
+        """From a faiss factory string "IVF<nlist>,PQ<m>[x<nbits>]" (nbits defaults to 8)."""
+        match = _FACTORY.match(spec.replace(" ", ""))
+        if not match:
+            raise ValueError(f"factory string must look like 'IVF4096,PQ48' or 'IVF4096,PQ48x8', got {spec!r}")
+        return cls(nlist=int(match.group(1)), m=int(match.group(2)), nbits=int(match.group(3) or 8), **kwargs)
+
+    def min_training_vectors(self, nlist: int | None = None) -> int:
+        """Training vectors needed: MIN_POINTS_PER_CENTROID per coarse list and per PQ centroid (2^nbits)."""
+        return MIN_POINTS_PER_CENTROID * max(nlist or self.nlist or 1, 1 << self.nbits)
+
+    def create(self, dim: int, num_threads: int = 0) -> "IVFPQIndex":
+        from .index.ivfpq import IVFPQIndex
+
+        return IVFPQIndex(dim, nlist=self.nlist, m=self.m, nbits=self.nbits, nprobe=self.nprobe,
+                          num_threads=num_threads, training_source=self.training_source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+IndexConfig = Union[FlatConfig, IVFPQConfig]
+INDEX_CONFIGS: dict[str, type[FlatConfig] | type[IVFPQConfig]] = {"flat": FlatConfig, "ivfpq": IVFPQConfig}
+
+
+def index_config_from_dict(data: dict[str, Any]) -> IndexConfig:
+    """Inverse of `to_dict`; unknown keys are an error (they would be settings silently dropped)."""
+    kind = data.get("kind")
+    if kind not in INDEX_CONFIGS:
+        raise ValueError(f"index kind must be one of {list(INDEX_CONFIGS)}, got {kind!r}")
+    config_class = INDEX_CONFIGS[kind]
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(data) - known - {"kind"})
+    if unknown:
+        raise ValueError(f"unknown {kind} index settings: {unknown}")
+    return config_class(**{k: v for k, v in data.items() if k != "kind"})
+
+
+def index_config(spec: "str | IndexConfig" = "flat", **settings: Any) -> IndexConfig:
+    """An index config from a name ("flat", "ivfpq"), a faiss factory string ("IVF1024,PQ48x8") or a config;
+    `settings` override fields (None values are ignored, so CLI options can be passed through)."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if isinstance(spec, (FlatConfig, IVFPQConfig)):
+        return type(spec)(**{**{f.name: getattr(spec, f.name) for f in fields(spec)}, **given})
+    if not isinstance(spec, str):
+        raise ValueError(f"index must be 'flat', 'ivfpq', a faiss factory string or an index config, got {spec!r}")
+    if spec.lower() in INDEX_CONFIGS:
+        return index_config_from_dict({"kind": spec.lower(), **given})
+    if spec.upper().startswith("IVF"):
+        return IVFPQConfig.from_factory(spec, **given)
+    raise ValueError(f"index must be 'flat', 'ivfpq' or a faiss factory string like 'IVF1024,PQ48', got {spec!r}")

@@ -1,0 +1,311 @@
+"""The encoder: image sources in, batches of (patch vectors, patch table) out.
+
+Owns the backbone (loaded on first use), the tiling settings and the embedding cache. Database images flow
+decode (Pillow, worker threads, a few chunks ahead) -> tile (C++) -> encode (ONNX backbone), one chunk of images
+at a time, so memory is bounded by a chunk whatever the number of sources; queries are encoded whole (one global
+descriptor each). Other encoders (another tiling mode, another runtime) plug in by offering the same two methods:
+`encode_images` and `embed_queries`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, TilingConfig
+from .embedding_cache import EmbeddingCache, content_key, default_cache_root
+from .errors import BackboneMismatchError, ImageError
+from .images import ImageSource, describe_source, load_rgb
+from .records import AddReport, NewImage, PatchTable, SkippedImage
+from .tiling import prepare_whole_images, tile_images
+
+if TYPE_CHECKING:
+    from .backbones import Backbone
+    from .preprocess import Preprocess
+
+
+@dataclass
+class EncodedBatch:
+    """Encoded images: `vectors` (n, dim) float32, L2-normalised, one row per patch; `patches` says whose and where
+    each row is (`patches.image` = position in `images`)."""
+
+    vectors: np.ndarray
+    patches: PatchTable
+    images: list[NewImage]
+    from_cache: int = 0
+
+
+@dataclass
+class _Encoded:
+    """One image's patches (internal: regrouped into an EncodedBatch per chunk)."""
+
+    image: NewImage
+    vectors: np.ndarray
+    patches: PatchTable
+    cached: bool
+
+
+class Encoder:
+    """Backbone + tiling + embedding cache.
+
+    backbone: a registered name (loaded lazily: searching by vector never loads it) or a backbone object (anything
+    with `encode`, `preprocess`, `identity`, `name`, `weights`). expected_identity: the identity an index was built
+    with; the backbone is checked against it when first used (BackboneMismatchError). embedding_cache: None/False
+    (off), True (the user cache) or a folder."""
+
+    def __init__(self, backbone: "str | Backbone" = DEFAULT_BACKBONE, tiling: TilingConfig | None = None, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE, num_threads: int = 0,
+                 embedding_cache: bool | str | os.PathLike | None = None,
+                 expected_identity: dict[str, Any] | None = None, check_name: bool = True,
+                 log: Callable[[str], None] | None = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+            raise ValueError(f"num_threads must be an integer (0 = all cores), got {num_threads!r}")
+        self.tiling = tiling or TilingConfig()
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self._log = log or (lambda message: print(message, file=sys.stderr))
+        if isinstance(backbone, str):
+            if check_name:  # off for a loaded index: searching it by vector must not need its backbone
+                from .backbones import check_backbone_name
+
+                check_backbone_name(backbone)
+            self._backbone: Backbone | None = None
+            self._backbone_name = backbone
+        else:
+            self._backbone = backbone
+            self._backbone_name = backbone.name
+        self._expected_identity = expected_identity
+        if self._backbone is not None and expected_identity is not None:
+            check_identity(expected_identity, self._backbone.identity)
+        self._cache_setting = embedding_cache
+        self._cache: EmbeddingCache | None = None
+
+    # ------------------------------------------------------------------ the backbone
+    @property
+    def backbone_name(self) -> str:
+        return self._backbone_name
+
+    @property
+    def backbone_loaded(self) -> bool:
+        return self._backbone is not None
+
+    @property
+    def backbone(self) -> "Backbone":
+        """The backbone, loaded on first use and checked against the index's identity."""
+        if self._backbone is None:
+            from .backbones import load_backbone
+
+            self._backbone = load_backbone(self._backbone_name, num_threads=self.num_threads)
+        if self._expected_identity is not None:
+            check_identity(self._expected_identity, self._backbone.identity)
+            self._expected_identity = None
+        return self._backbone
+
+    def identity(self) -> dict[str, Any] | None:
+        """The backbone's identity without loading it (the expected one while it is not loaded)."""
+        return self._backbone.identity if self._backbone is not None else self._expected_identity
+
+    def preprocess(self) -> "Preprocess":
+        """How patches are prepared: the backbone's preprocessing at the tiling's input size."""
+        preprocess = self.backbone.preprocess
+        size = self.tiling.input_size
+        if size is None or size == preprocess.input_size:
+            return preprocess
+        # Every export so far has a fixed input size: another size is refused here, not deep in onnxruntime.
+        raise ValueError(f"tiling input_size {size} px: backbone {self._backbone_name!r} takes "
+                         f"{preprocess.input_size} px only (a fixed-size export)")
+
+    # ------------------------------------------------------------------ database images
+    def encode_images(self, sources: Sequence[ImageSource], report: AddReport, *,
+                      progress: bool = False) -> Iterator[EncodedBatch]:
+        """Encodes `sources` chunk by chunk (a chunk holds about `batch_size` patches), in input order. Unusable
+        sources are appended to `report.skipped` with their reason; timings and cache hits are added to
+        `report`."""
+        from tqdm.auto import tqdm
+
+        if sources and not self.backbone_loaded:
+            if progress:
+                self._log(f"loading backbone {self._backbone_name} (the first use exports it to ONNX: up to a "
+                          "minute)...")
+            _ = self.backbone
+        chunk = max(1, -(-self.batch_size // self.tiling.patches_per_image))
+        chunks = [sources[i:i + chunk] for i in range(0, len(sources), chunk)]
+        bar = tqdm(total=len(sources), unit="img", desc="indexing", disable=not progress)
+        with ThreadPoolExecutor(max_workers=max(1, min(4, _core.hardware_threads()))) as pool:
+            waited = time.perf_counter()
+            for loaded, decode_seconds in _prefetch(pool, self._read_chunk, chunks, ahead=2):
+                report.timings["decode"] += time.perf_counter() - waited
+                report.timings["decode_cpu"] += decode_seconds
+                fresh = [item for item in loaded if isinstance(item, tuple)]
+                encoded = iter(self._encode_pixels(fresh, report))
+                batch: list[_Encoded] = []
+                for item in loaded:  # keep input order: cache hits and fresh encodings interleave
+                    if isinstance(item, SkippedImage):
+                        report.skipped.append(item)
+                    elif isinstance(item, _Encoded):
+                        batch.append(item)
+                    else:
+                        result = next(encoded)
+                        if result is not None:
+                            batch.append(result)
+                if batch:
+                    yield _batch_of(batch)
+                bar.update(len(loaded))
+                # Restarted after the consumer has used the chunk: the next wait is for decoding alone.
+                waited = time.perf_counter()
+        bar.close()
+
+    def _read_chunk(self, sources: Sequence[ImageSource]) -> tuple[list[Any], float]:
+        """Runs in a worker thread: `_read` for each source, and the seconds it took (summed by the caller, so
+        no shared counter needs a lock)."""
+        started = time.perf_counter()
+        return [self._read(s) for s in sources], time.perf_counter() - started
+
+    def _read(self, source: ImageSource) -> "SkippedImage | _Encoded | tuple[str, np.ndarray, str | None]":
+        """Decoded pixels, a cache hit, or the reason the source is unusable."""
+        name = describe_source(source)
+        try:
+            key = None
+            cache = self.embedding_cache()
+            if cache is not None:
+                key = _cache_key(source)
+                hit = cache.get(key, self.tiling.grids) if key else None
+                if hit is not None:
+                    vectors, width, height = hit
+                    boxes, grid, cell = _core.patch_boxes(height, width, list(self.tiling.grids), self.tiling.overlap)
+                    patches = PatchTable(np.zeros(len(vectors), np.int64), boxes, grid, cell)
+                    return _Encoded(NewImage(name, width, height), vectors, patches, cached=True)
+            return name, load_rgb(source), key
+        except ImageError as exc:
+            return SkippedImage(name, exc.reason)
+        except (OSError, ValueError) as exc:
+            return SkippedImage(name, str(exc))
+
+    def _encode_pixels(self, items: list[tuple[str, np.ndarray, str | None]],
+                       report: AddReport) -> list[_Encoded | None]:
+        """Encodings aligned with `items`; None (and a report entry) for an image that cannot be tiled."""
+        if not items:
+            return []
+        backbone = self.backbone
+        started = time.perf_counter()
+        try:
+            batch = tile_images([pixels for _, pixels, _ in items], self.tiling.grids, self.preprocess(),
+                                overlap=self.tiling.overlap, num_threads=self.num_threads)
+        except ValueError as exc:
+            report.timings["tile"] += time.perf_counter() - started  # the retries below time themselves
+            # One bad image (e.g. smaller than the finest grid) must not sink its neighbours: retry one by one.
+            if len(items) == 1:
+                # The tiler numbers images within its call ("image 0: ..."); the report names the source instead.
+                report.skipped.append(SkippedImage(items[0][0], str(exc).replace("image 0: ", "")))
+                return [None]
+            return [self._encode_pixels([item], report)[0] for item in items]
+        tiled = time.perf_counter()
+        report.timings["tile"] += tiled - started
+        vectors = backbone.encode(batch.pixels, batch_size=self.batch_size)
+        report.timings["encode"] += time.perf_counter() - tiled
+        cache = self.embedding_cache()
+        results: list[_Encoded | None] = []
+        for i, (name, pixels, key) in enumerate(items):
+            rows = batch.image_index == i
+            patches = PatchTable(np.zeros(int(rows.sum()), np.int64), batch.boxes[rows], batch.grid[rows],
+                                 batch.cell[rows])
+            item = _Encoded(NewImage(name, pixels.shape[1], pixels.shape[0]), vectors[rows], patches, cached=False)
+            if cache is not None and key is not None:
+                cache.put(key, self.tiling.grids, item.vectors, item.image.width, item.image.height)
+            results.append(item)
+        return results
+
+    # ------------------------------------------------------------------ queries
+    def embed_queries(self, queries: Sequence[ImageSource | np.ndarray], dim: int | None = None) -> np.ndarray:
+        """(n, dim) float32 L2-normalised global descriptors. A 1-D numeric array is taken as a descriptor
+        (checked against `dim` and normalised); anything else is an image, encoded whole."""
+        vectors: list[np.ndarray | None] = []
+        images: list[tuple[int, np.ndarray]] = []
+        for i, query in enumerate(queries):
+            if isinstance(query, np.ndarray) and query.ndim == 1:
+                vectors.append(normalise_query_vector(query, i, dim))
+            else:
+                try:
+                    images.append((i, load_rgb(query)))
+                except ImageError as exc:
+                    raise ImageError(exc.source, f"query {i}: {exc.reason}") from None
+                vectors.append(None)
+        if images:
+            backbone = self.backbone
+            pixels = prepare_whole_images([img for _, img in images], backbone.preprocess,
+                                          num_threads=self.num_threads)
+            encoded = backbone.encode(pixels, batch_size=self.batch_size)
+            for (i, _), vector in zip(images, encoded):
+                vectors[i] = vector
+        if not vectors:
+            return np.zeros((0, dim or 0), np.float32)
+        return np.stack(vectors).astype(np.float32, copy=False)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ the embedding cache
+    def embedding_cache(self) -> EmbeddingCache | None:
+        if self._cache_setting in (None, False):
+            return None
+        if self._cache is None:
+            setting = self._cache_setting
+            root = default_cache_root() / "embeddings" if setting is True else Path(setting)  # type: ignore[arg-type]
+            self._cache = EmbeddingCache(root, self.backbone.identity, self.tiling.overlap)
+        return self._cache
+
+
+def _batch_of(items: list[_Encoded]) -> EncodedBatch:
+    vectors = np.concatenate([e.vectors for e in items]).astype(np.float32, copy=False)
+    patches = PatchTable.concatenate(
+        e.patches.with_image(np.full(len(e.patches), i, np.int64)) for i, e in enumerate(items))
+    return EncodedBatch(vectors, patches, [e.image for e in items], sum(e.cached for e in items))
+
+
+def _cache_key(source: ImageSource) -> str | None:
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return content_key(Path(source).read_bytes())
+        except OSError:
+            return None  # load_rgb reports the real problem
+    if isinstance(source, np.ndarray):
+        return content_key(source)
+    return None  # PIL images carry no stable content to key on cheaply
+
+
+def _prefetch(pool: ThreadPoolExecutor, work: Any, items: Sequence[Any], ahead: int) -> Iterator[Any]:
+    """Yields work(item) in order while up to `ahead` later items are already being processed, so decoding
+    overlaps encoding without holding the whole collection in memory."""
+    futures = [pool.submit(work, item) for item in items[:ahead]]
+    for i in range(len(items)):
+        if i + ahead < len(items):
+            futures.append(pool.submit(work, items[i + ahead]))
+        yield futures[i].result()
+        futures[i] = None  # type: ignore[call-overload]  # release the decoded pixels
+
+
+def normalise_query_vector(vector: np.ndarray, position: int, dim: int | None) -> np.ndarray:
+    """A descriptor given as a query: numeric, finite, non-zero, of the index dimension; returned L2-normalised."""
+    if not np.issubdtype(vector.dtype, np.number):
+        raise ValueError(f"query {position}: descriptor must be numeric, got dtype {vector.dtype}")
+    if dim is not None and vector.shape[0] != dim:
+        raise ValueError(f"query {position}: descriptor has {vector.shape[0]} dimensions, the index holds {dim}")
+    vector = vector.astype(np.float32)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"query {position}: descriptor is zero or not finite")
+    return vector / norm
+
+
+def check_identity(expected: dict[str, Any], actual: dict[str, Any]) -> None:
+    """Refuses a backbone whose identity (model, weights, preprocessing, dim) differs from an index's."""
+    differing = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+    if differing:
+        details = ", ".join(f"{k}: index {expected.get(k)!r} vs backbone {actual.get(k)!r}" for k in differing)
+        raise BackboneMismatchError(f"backbone mismatch: this index was built with a different backbone ({details})")

@@ -1,0 +1,272 @@
+"""The on-disk layout of a saved index: the one module that knows it.
+
+A saved index is a folder:
+  manifest.json   every setting (backbone, tiling, index kind and config), counts, and the size and sha256 of
+                  every other file
+  images.json     the image records (id, name, width, height, removed)
+  patches.npz     the patch table (image, box, grid, cell): patch id = row; the patch -> image map lives only here
+  index files     written by the index (`save_files`), holding data only, no settings:
+                  flat: flat_vectors.npy, flat_patch_ids.npy; ivfpq: ivfpq_index.faiss
+
+Version history (every version stays loadable; fixtures in tests/fixtures/indices/vN):
+  1: settings split between manifest.json and ivfpq_meta.json (the loader trusted the manifest, so a changed
+     nprobe was lost), the patch -> image map also in flat_image_ids.npy / ivfpq_patch_image.npy, no checksums.
+  2: the layout above.
+
+Saving is atomic: everything is written into a sibling temporary folder that then replaces the target with
+renames, so a crash never leaves a half-written index where a good one was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from .config import FlatConfig, IndexConfig, TilingConfig, index_config_from_dict
+from .errors import IndexFormatError
+from .records import ImageRecord, PatchTable
+
+if TYPE_CHECKING:
+    from .index.base import PatchIndex
+
+FORMAT_NAME = "patchify-index"
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+
+MANIFEST = "manifest.json"
+IMAGES = "images.json"
+PATCHES = "patches.npz"
+
+
+@dataclass
+class BackboneRecord:
+    """Which backbone built an index: its name, its identity (compared on load) and its weights in words."""
+
+    name: str
+    identity: dict[str, Any] | None
+    weights: str | None
+
+
+@dataclass
+class SavedIndex:
+    """Everything `load` read back."""
+
+    directory: Path
+    format_version: int
+    backbone: BackboneRecord
+    tiling: TilingConfig
+    images: list[ImageRecord]
+    patches: PatchTable
+    index: "PatchIndex"
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yields a fresh temporary folder beside `target`; on success it replaces `target` atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        if not (target / MANIFEST).exists() and any(target.iterdir()):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise IndexFormatError(f"{target}: exists and is not a Patchify index; refusing to overwrite it")
+        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)  # hashlib releases the GIL on large blocks
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: TilingConfig, index: "PatchIndex",
+         images: Sequence[ImageRecord], patches: PatchTable, patchify_version: str) -> Path:
+    """Writes a complete index folder atomically (format FORMAT_VERSION)."""
+    directory = Path(directory)
+    with atomic_directory(directory) as staging:
+        _write_json(staging / IMAGES, [image.to_dict() for image in images])
+        columns = patches.arrays()
+        np.savez(staging / PATCHES, image=columns["image"], box=columns["box"], grid=columns["grid"],
+                 cell=columns["cell"])
+        written = [IMAGES, PATCHES, *index.save_files(staging)]
+        files = {name: {"bytes": (staging / name).stat().st_size, "sha256": sha256_of(staging / name)}
+                 for name in written}
+        _write_json(staging / MANIFEST, {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "patchify_version": patchify_version,
+            "backbone": {"name": backbone.name, "identity": backbone.identity, "weights": backbone.weights},
+            "tiling": tiling.to_dict(),
+            "index": {"dim": index.dim, **index.config.to_dict()},
+            "n_images": len(images),
+            "n_patches": len(patches),
+            "files": files,
+        })
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Reads and validates the manifest; the error names the folder and what is wrong."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise IndexFormatError(f"{directory}: index folder not found")
+    if not path.is_file():
+        raise IndexFormatError(f"{directory}: not a Patchify index ({MANIFEST} missing)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{path}: corrupt manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise IndexFormatError(f"{path}: not a Patchify index manifest")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        newest = max(SUPPORTED_VERSIONS)
+        hint = "upgrade patchify to read it" if isinstance(version, int) and version > newest else "unknown version"
+        raise IndexFormatError(
+            f"{path}: index format version {version!r} is not supported (this patchify reads "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}); {hint}"
+        )
+    return manifest
+
+
+def describe(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a manifest of any supported version, in version 2's terms (for `info` and `load`)."""
+    if manifest["format_version"] == 1:
+        options = dict(manifest["index"].get("options", {}))
+        kind = manifest["index"]["kind"]
+        config: dict[str, Any] = {"kind": kind}
+        if kind == "flat":
+            config["dtype"] = options.get("dtype", "float32")
+        else:
+            config.update({k: options[k] for k in ("nlist", "m", "nbits", "nprobe") if k in options})
+            config["training_source"] = manifest.get("training_source", "all")
+        return {"tiling": {"grids": manifest["grids"], "overlap": manifest.get("overlap", 0.0), "input_size": None},
+                "index": {"dim": manifest["index"]["dim"], **config}}
+    return {"tiling": manifest["tiling"], "index": manifest["index"]}
+
+
+def _v1_ivfpq_settings(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 kept IVFPQ settings in ivfpq_meta.json too, and that file was the index's truth (nlist chosen
+    at training, nprobe changed at run time): prefer it."""
+    meta_path = directory / "ivfpq_meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IndexFormatError(f"{meta_path}: unreadable IVFPQ metadata ({exc})") from None
+    return {**config, **{k: meta[k] for k in ("nlist", "m", "nbits", "nprobe") if k in meta}}
+
+
+def check_files(directory: Path, manifest: dict[str, Any], *, checksums: bool) -> None:
+    """Every file the manifest lists exists with its size (and, with checksums, its sha256); the error names
+    the file. Version 1 listed no files: nothing to check."""
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: missing from the index folder")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise IndexFormatError(f"{path}: damaged ({size} bytes, the manifest says {expected['bytes']})")
+        if checksums and sha256_of(path) != expected["sha256"]:
+            raise IndexFormatError(f"{path}: damaged (sha256 differs from the manifest's)")
+
+
+def load(directory: str | os.PathLike, *, num_threads: int = 0, verify: bool = False) -> SavedIndex:
+    """Reads an index folder of any supported version. Sizes of all files are checked against the manifest
+    (cheap); `verify=True` also checks their sha256. Every error is an IndexFormatError naming the file."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    check_files(directory, manifest, checksums=verify)
+    settings = describe(manifest)
+    try:
+        tiling = TilingConfig.from_dict(settings["tiling"])
+        index_settings = dict(settings["index"])
+        dim = int(index_settings.pop("dim"))
+        if manifest["format_version"] == 1 and index_settings["kind"] == "ivfpq":
+            index_settings = _v1_ivfpq_settings(directory, index_settings)
+        config = index_config_from_dict(index_settings)
+        n_patches, n_images = int(manifest["n_patches"]), int(manifest["n_images"])
+        backbone = BackboneRecord(str(manifest["backbone"]["name"]), manifest["backbone"].get("identity"),
+                                  manifest["backbone"].get("weights"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFormatError(f"{directory / MANIFEST}: invalid settings ({exc})") from None
+    images = _load_images(directory / IMAGES, n_images)
+    patches = _load_patches(directory / PATCHES, n_patches, n_images)
+    removed = np.array([image.removed for image in images], dtype=bool)
+    # patch id -> image id, -1 where the image was removed: what the index needs to rebuild its own tables.
+    patch_image = np.where(removed[patches.image], -1, patches.image) if len(patches) else patches.image
+    index = _load_index(directory, config, dim, patch_image, n_images, num_threads)
+    return SavedIndex(directory, int(manifest["format_version"]), backbone, tiling, images, patches, index)
+
+
+def _load_images(path: Path, n_images: int) -> list[ImageRecord]:
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: missing from the index folder")
+    try:
+        images = [ImageRecord.from_dict(row) for row in json.loads(path.read_text(encoding="utf-8"))]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IndexFormatError(f"{path}: corrupt ({exc})") from None
+    if len(images) != n_images or any(image.id != i for i, image in enumerate(images)):
+        raise IndexFormatError(f"{path}: {len(images)} image records (ids 0..n-1 expected), the manifest says "
+                               f"{n_images}")
+    return images
+
+
+def _load_patches(path: Path, n_patches: int, n_images: int) -> PatchTable:
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: missing from the index folder")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            columns = {name: archive[name] for name in ("image", "box", "grid", "cell")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise IndexFormatError(f"{path}: corrupt or incomplete ({exc})") from None
+    expected = {"image": (n_patches,), "box": (n_patches, 4), "grid": (n_patches,), "cell": (n_patches,)}
+    for name, shape in expected.items():
+        if columns[name].shape != shape:
+            raise IndexFormatError(f"{path}: table {name!r} has shape {columns[name].shape}, manifest says {shape}")
+    if n_patches and (columns["image"].min() < 0 or columns["image"].max() >= n_images):
+        raise IndexFormatError(f"{path}: patch table names images outside 0..{n_images - 1}")
+    return PatchTable(columns["image"], columns["box"], columns["grid"], columns["cell"])
+
+
+def _load_index(directory: Path, config: IndexConfig, dim: int, patch_image: np.ndarray, n_images: int,
+                num_threads: int) -> "PatchIndex":
+    if isinstance(config, FlatConfig):
+        from .index.flat import FlatIndex
+
+        return FlatIndex.load_files(directory, config, dim, patch_image, num_threads=num_threads)
+    from .index.ivfpq import IVFPQIndex
+
+    return IVFPQIndex.load_files(directory, config, dim, patch_image, n_images, num_threads=num_threads)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
