@@ -28,15 +28,9 @@
 #include <string>
 #include <vector>
 
+#include "patchify/cpu_features.h"
 #include "patchify/parallel.h"
 #include "patchify/topk.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#define PATCHIFY_X86_DISPATCH 1
-#else
-#define PATCHIFY_X86_DISPATCH 0
-#endif
 
 namespace patchify {
 
@@ -99,7 +93,7 @@ inline void dots_to_rows_generic(const float* q, const float* rows, size_t n, si
   for (size_t j = 0; j < n; ++j) scores[j] = dot(q, rows + j * d, d);
 }
 
-#if PATCHIFY_X86_DISPATCH
+#if PATCHIFY_X86
 // Every AVX2 kernel below sums a row the same way (8 lanes of FMA over i, this reduction, then a scalar FMA
 // tail), so a score does not depend on which kernel, or which position in a group, produced it: the batched
 // and the one-query coarse searches then pick exactly the same lists.
@@ -196,18 +190,9 @@ __attribute__((target("avx2,fma"))) inline void dots_4q_avx2(const float* const*
 }
 #endif
 
-inline bool has_avx2_fma() {
-#if PATCHIFY_X86_DISPATCH
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return avx2;
-#else
-  return false;
-#endif
-}
-
 inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, float* scores) {
-#if PATCHIFY_X86_DISPATCH
-  if (has_avx2_fma()) return dots_to_rows_avx2(q, rows, n, d, scores);
+#if PATCHIFY_X86
+  if (patchify::has_avx2_fma()) return dots_to_rows_avx2(q, rows, n, d, scores);
 #endif
   dots_to_rows_generic(q, rows, n, d, scores);
 }
@@ -217,8 +202,8 @@ inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, 
 inline void dots_queries_to_rows(const float* const* q, size_t nq, const float* rows, size_t n, size_t d,
                                  float* const* scores) {
   size_t t = 0;
-#if PATCHIFY_X86_DISPATCH
-  if (has_avx2_fma())
+#if PATCHIFY_X86
+  if (patchify::has_avx2_fma())
     for (; t + 4 <= nq; t += 4) dots_4q_avx2(q + t, rows, n, d, scores + t);
 #endif
   for (; t < nq; ++t) dots_to_rows(q[t], rows, n, d, scores[t]);
@@ -243,7 +228,7 @@ __attribute__((always_inline)) inline void adc_table_body(const float* query, co
   }
 }
 
-#if PATCHIFY_X86_DISPATCH
+#if PATCHIFY_X86
 __attribute__((target("avx2,fma"))) inline void adc_table_avx2(const float* query, const float* pq_t, size_t M,
                                                                  size_t dsub, size_t ksub, float* table) {
   adc_table_body(query, pq_t, M, dsub, ksub, table);
@@ -251,8 +236,8 @@ __attribute__((target("avx2,fma"))) inline void adc_table_avx2(const float* quer
 #endif
 
 inline void adc_table(const float* query, const float* pq_t, size_t M, size_t dsub, size_t ksub, float* table) {
-#if PATCHIFY_X86_DISPATCH
-  if (has_avx2_fma()) return adc_table_avx2(query, pq_t, M, dsub, ksub, table);
+#if PATCHIFY_X86
+  if (patchify::has_avx2_fma()) return adc_table_avx2(query, pq_t, M, dsub, ksub, table);
 #endif
   adc_table_body(query, pq_t, M, dsub, ksub, table);
 }
