@@ -1,5 +1,6 @@
 // FlatPatchIndex against a brute-force definition, on both kernels and both storage types: per-image max,
-// tie-breaking, add in pieces (regrouping), removal and validation. (float16 conversion itself: test_half.cpp.)
+// tie-breaking, add in pieces (regrouping), removal, validation, and result width bounded by the images stored.
+// (float16 conversion itself: test_half.cpp.)
 #include "patchify/flat_index.h"
 
 #include <cmath>
@@ -164,12 +165,35 @@ void test_validation() {
   float s;
   int64_t im, pa;
   CHECK_THROWS(index.search(bad.data(), 1, 1, 1, &s, &im, &pa), std::invalid_argument);
-  CHECK_THROWS(index.search(good.data(), 1, 0, 1, &s, &im, &pa), std::invalid_argument);
+  s = 7.0f;
+  index.search(good.data(), 1, 0, 1, &s, &im, &pa);  // k = 0: nothing to write
+  CHECK(s == 7.0f);
   CHECK_THROWS(FlatPatchIndex(0, false), std::invalid_argument);
   FlatPatchIndex f32(4, false);
   const uint16_t half[4] = {0, 0, 0, 0};
   CHECK_THROWS(f32.add_float16(half, 1, &id, &id), std::invalid_argument);
   CHECK_THROWS(f32.set_kernel("sse9"), std::invalid_argument);
+}
+
+// A huge k costs no memory: callers size outputs with result_width(k) = min(k, images stored), and the search's
+// own heaps never exceed the images either. An empty index gives zero columns.
+void test_huge_k_is_bounded_by_images() {
+  const Database db = random_database(7, 16, 11);
+  FlatPatchIndex index(16, false);
+  CHECK(index.result_width(size_t(1) << 62) == 0);
+  index.add(db.vectors.data(), db.patch_ids.size(), db.patch_ids.data(), db.image_ids.data());
+  const size_t huge = size_t(1) << 62;
+  const size_t kk = index.result_width(huge);
+  CHECK(kk == 7 && index.result_width(3) == 3);
+  const size_t nq = 3;
+  std::vector<float> s(nq * kk);
+  std::vector<int64_t> im(nq * kk), pa(nq * kk);
+  index.search(db.vectors.data(), nq, kk, 2, s.data(), im.data(), pa.data());
+  for (size_t q = 0; q < nq; ++q) {
+    const auto expected = brute_force(db, &db.vectors[q * 16], huge, false);
+    CHECK(expected.size() == kk);
+    for (size_t j = 0; j < kk; ++j) CHECK(im[q * kk + j] == expected[j].image && pa[q * kk + j] == expected[j].patch);
+  }
 }
 
 }  // namespace
@@ -186,5 +210,6 @@ int main() {
   test_ties();
   test_add_in_pieces_and_remove();
   test_validation();
+  test_huge_k_is_bounded_by_images();
   return TEST_MAIN_RESULT();
 }

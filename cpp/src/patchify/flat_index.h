@@ -267,17 +267,22 @@ class FlatPatchIndex {
     return removed;
   }
 
+  // Output columns worth allocating for a top-k search: no query can rank more images than are stored, so
+  // callers size their outputs nq x result_width(k) and memory stays bounded by the index, whatever k is.
+  size_t result_width(size_t k) const { return std::min(k, n_images()); }
+
   // Top-k images for nq queries (nq x dim, contiguous float32): writes nq x k scores (best first), image ids
-  // and winning patch ids; rows with fewer than k images are padded with -inf / -1. Ties: larger score first,
-  // then the smaller image id; within an image the smaller patch id wins a tie.
+  // and winning patch ids; columns beyond the images stored (k from result_width() before a concurrent remove)
+  // are padded with -inf / -1. k = 0 writes nothing. Internal buffers hold at most min(k, images) hits per query
+  // and database chunk. Ties: larger score first, then the smaller image id; within an image the smaller patch
+  // id wins a tie.
   void search(const float* queries, size_t nq, size_t k, int num_threads, float* scores, int64_t* images,
               int64_t* patches) const {
-    if (k < 1) throw std::invalid_argument("k must be >= 1");
     for (size_t i = 0; i < nq * dim_; ++i)
       if (!std::isfinite(queries[i]))
         throw std::invalid_argument("query " + std::to_string(i / dim_) + " contains NaN or infinity");
     std::shared_lock<std::shared_mutex> lock(mutex_);
-    if (nq == 0) return;
+    if (nq == 0 || k == 0) return;
     // Pad queries to the row stride with zeros so that kernels never need a tail loop.
     std::vector<float, flat_detail::AlignedAllocator<float>> padded(nq * stride_, 0.0f);
     for (size_t q = 0; q < nq; ++q) std::memcpy(&padded[q * stride_], queries + q * dim_, dim_ * sizeof(float));
