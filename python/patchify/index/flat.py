@@ -83,8 +83,8 @@ class FlatIndex:
         return int(self._core.remove_images(check_ids(np.atleast_1d(np.asarray(image_ids)), "image_ids", -1)))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k images for each query: (scores float32, image ids int64, winning patch ids int64), each (nq, k),
-        best first; padded with -inf / -1 when fewer than k images are stored. A 1-D query is a batch of one."""
+        """Top-k images for each query: (scores float32, image ids int64, winning patch ids int64), each
+        (nq, min(k, n_images)), best first. A 1-D query is a batch of one."""
         k = check_k(k)
         queries = check_queries(queries, self.dim)
         return self._core.search(queries, k, self.num_threads)

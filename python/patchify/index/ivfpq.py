@@ -179,9 +179,8 @@ class IVFPQIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = check_k(k)
         q = check_queries(queries, self.dim)
-        if self.ntotal == 0:
-            return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64),
-                    np.full((len(q), k), -1, np.int64))
+        if self.ntotal == 0:  # no image to rank: no columns, whatever k is
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
         scanner = self._ready_scanner()
         if self.coarse == "native":
             return scanner.search_native(q, self._nprobe(), k, self.num_threads)
