@@ -2,9 +2,12 @@
 validation, save/load, both storage dtypes and both kernels."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
+from patchify.errors import CoreError, PatchifyError
 from patchify.index.base import PatchIndex
 from patchify.index.flat import FlatIndex, numpy_reference_search
 from patchify.errors import IndexFormatError
@@ -105,6 +108,7 @@ def test_results_are_as_wide_as_the_images_when_k_is_larger():
     for bad in ("5", None, 2.5, 0):
         with pytest.raises(ValueError, match="k must be"):
             index.search(_unit(rng, 1, 32), bad)
+    assert scores.dtype == np.float32 and images.dtype == patches.dtype == np.int64
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -196,18 +200,55 @@ def test_validation_errors():
 
 
 def test_core_rejects_what_it_would_have_to_copy():
+    """The binding never converts: each mismatch is a CoreError (a ValueError) naming the argument, what was expected
+    and what was given."""
     core = FlatIndex(8)._core
     ids = np.arange(4, dtype=np.int64)
-    with pytest.raises(ValueError, match="C-contiguous"):
+    with pytest.raises(CoreError, match=re.escape("vectors: expected a C-contiguous float32 or float16 array of shape "
+                                                  "(n, 8), got a non-C-contiguous float32 array of shape (4, 8)")):
         core.add(np.ones((4, 16), np.float32)[:, ::2], ids, ids)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(CoreError, match=re.escape("patch_ids: expected a C-contiguous int64 array of shape (4,), got "
+                                                  "an int32 array of shape (4,)")):
         core.add(np.ones((4, 8), np.float32), ids.astype(np.int32), ids)
-    with pytest.raises(ValueError, match="float32 or float16"):
+    with pytest.raises(CoreError, match=re.escape("image_ids: expected a C-contiguous int64 array of shape (4,), got "
+                                                  "an int64 array of shape (3,)")):
+        core.add(np.ones((4, 8), np.float32), ids, ids[:3])
+    with pytest.raises(CoreError, match=r"float32 or float16 .* got a float64 array"):
         core.add(np.ones((4, 8), np.float64), ids, ids)
-    with pytest.raises(ValueError, match="float16"):
+    with pytest.raises(CoreError, match=r"float32 or float16 .* got a >f4 array"):  # byte order matters too
+        core.add(np.ones((4, 8), ">f4"), ids, ids)
+    with pytest.raises(CoreError, match="float16"):
         core.add(np.ones((4, 8), np.float16), ids, ids)  # float16 into a float32 index
-    with pytest.raises(ValueError, match="NaN"):
+    assert core.ntotal == 0
+    with pytest.raises(CoreError, match=re.escape("queries: expected a C-contiguous float32 array of shape (nq, 8), "
+                                                  "got a float64 array of shape (1, 8)")):
+        core.search(np.ones((1, 8)), 1, 1)
+    with pytest.raises(CoreError, match="k: expected an integer >= 1, got 0"):
+        core.search(np.ones((1, 8), np.float32), 0, 1)
+    with pytest.raises(CoreError, match=re.escape("image_ids: expected a C-contiguous int64 array of shape (n,), got "
+                                                  "a float64 array of shape (2,)")):
+        core.remove_images(np.zeros(2))
+    with pytest.raises(CoreError, match="NaN") as raised:
         core.search(np.full((1, 8), np.nan, np.float32), 1, 1)
+    assert isinstance(raised.value, ValueError) and isinstance(raised.value, PatchifyError)
+    with pytest.raises(CoreError, match="kernel must be"):
+        core.kernel = "sse9"
+
+
+def test_huge_k_costs_no_memory():
+    """search(q, k) returns (nq, min(k, n_images)) whatever k is: k = 2**62 must not allocate by k."""
+    rng = np.random.default_rng(12)
+    vectors = _unit(rng, 20, 16)
+    queries = _unit(rng, 3, 16)
+    index = FlatIndex(16)
+    assert [a.shape for a in index.search(queries, 2**62)] == [(3, 0)] * 3  # empty index: no columns
+    index.add(vectors, np.arange(20), np.arange(20) // 4)  # 5 images
+    for huge in (index.search(queries, 2**62), index._core.search(queries, 2**62, 1)):
+        assert [a.shape for a in huge] == [(3, 5)] * 3
+        for a, b in zip(huge, index.search(queries, 5)):
+            np.testing.assert_array_equal(a, b)
+    index.remove_images(np.array([0, 1]))
+    assert [a.shape for a in index.search(queries, 2**62)] == [(3, 3)] * 3
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

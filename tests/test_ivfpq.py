@@ -4,11 +4,13 @@ nprobe - after training, after later adds, after removals and after save/load.""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from patchify import _core
+from patchify.errors import CoreError
 from patchify.index.base import PatchIndex
 from patchify.index.ivfpq import IVFPQIndex, auto_nlist
 from patchify.errors import IndexFormatError
@@ -239,21 +241,89 @@ def test_constructor_validation_and_factory():
         IVFPQIndex(32, factory="HNSW32")
     index = IVFPQIndex(32, factory="IVF64,PQ8x6", nprobe=3)
     assert (index.nlist, index.m, index.nbits, index.nprobe) == (64, 8, 6, 3)
-    empty = index.search(np.ones((2, 32), np.float32), 3)
-    assert empty[1].shape == (2, 0)  # no images: no columns, whatever k
+    empty = index.search(np.ones((2, 32), np.float32), 3)  # nothing indexed: no columns
+    assert [a.shape for a in empty] == [(2, 0)] * 3 and [a.dtype for a in empty] == [np.float32, np.int64, np.int64]
     with pytest.raises(RuntimeError, match="train"):
         index.add(np.ones((1, 32), np.float32), np.array([0]), np.array([0]))
 
 
 def test_scanner_binding_validates_inputs():
+    """The binding never converts: a wrong dtype, shape or layout is a CoreError naming the argument, saying what
+    was expected and what was given."""
     coarse = np.zeros((4, 8), np.float32)
-    with pytest.raises(ValueError, match="pq centroids"):
+    pq = np.zeros((2, 256, 4), np.float32)
+    with pytest.raises(CoreError, match=r"pq_centroids: expected .*M \* dsub = 8.*got a float32 array of shape "
+                                        r"\(2, 256, 3\)"):
         _core.IVFPQScanner(coarse, np.zeros((2, 256, 3), np.float32), 8)
-    scanner = _core.IVFPQScanner(coarse, np.zeros((2, 256, 4), np.float32), 8)
-    with pytest.raises(ValueError, match="one codes and one ids"):
+    with pytest.raises(CoreError, match=re.escape("coarse_centroids: expected a C-contiguous float32 array of shape "
+                                                  "(nlist, dim), got a float64 array of shape (4, 8)")):
+        _core.IVFPQScanner(coarse.astype(np.float64), pq, 8)
+    with pytest.raises(CoreError, match=re.escape("pq_centroids: expected a C-contiguous float32 array of shape "
+                                                  "(M, 16, dsub), got a float32 array of shape (2, 256, 4)")):
+        _core.IVFPQScanner(coarse, pq, 4)
+    scanner = _core.IVFPQScanner(coarse, pq, 8)
+    with pytest.raises(CoreError, match="one codes and one ids"):
         scanner.set_lists([], [])
-    with pytest.raises(ValueError, match="code bytes"):
+    with pytest.raises(CoreError, match="code bytes"):
         scanner.set_lists([np.zeros(3, np.uint8)] + [np.zeros(0, np.uint8)] * 3, [np.zeros(1, np.int64)] * 4)
+    no_codes = [np.zeros(0, np.uint8)] * 4
+    with pytest.raises(CoreError, match=re.escape("ids[0]: expected a C-contiguous int64 array of shape (n,), "
+                                                  "got an int32 array of shape (0,)")):
+        scanner.set_lists(no_codes, [np.zeros(0, np.int32)] * 4)
+    scanner.set_lists(no_codes, [np.zeros(0, np.int64)] * 4)
+    with pytest.raises(CoreError, match=re.escape("patch_to_image: expected a C-contiguous int32 array of shape "
+                                                  "(n_patches,), got an int64 array of shape (3,)")):
+        scanner.set_image_map(np.zeros(3, np.int64), 1)
+    scanner.set_image_map(np.zeros(0, np.int32), 0)
+
+    q = np.ones((2, 8), np.float32)
+    probes = np.zeros((2, 1), np.int64)
+    for bad, got in [(q.astype(np.float64), "a float64 array of shape (2, 8)"),
+                     (np.ones((2, 16), np.float32)[:, ::2], "a non-C-contiguous float32 array of shape (2, 8)"),
+                     (np.ones((2, 7), np.float32), "a float32 array of shape (2, 7)"),
+                     (np.ones(8, np.float32), "a float32 array of shape (8,)")]:
+        expected = f"queries: expected a C-contiguous float32 array of shape (nq, 8), got {got}"
+        with pytest.raises(CoreError, match=re.escape(expected)):
+            scanner.search(bad, probes, 3)
+        with pytest.raises(CoreError, match=re.escape(expected)):
+            scanner.search_native(bad, 2, 3)
+    with pytest.raises(CoreError, match=re.escape("probes: expected a C-contiguous int64 array of shape (2, nprobe), "
+                                                  "got an int32 array of shape (2, 1)")):
+        scanner.search(q, probes.astype(np.int32), 3)
+    with pytest.raises(CoreError, match=re.escape("query: expected a C-contiguous float32 array of shape (8,), got "
+                                                  "a float64 array of shape (8,)")):
+        scanner.coarse_probe(q[0].astype(np.float64), 2)
+    with pytest.raises(CoreError, match="k: expected an integer >= 1, got 0"):
+        scanner.search(q, probes, 0)
+    # Nothing to report (num_images = 0): no columns, whatever k is.
+    for result in (scanner.search(q, probes, 2**62), scanner.search_native(q, 2, 2**62)):
+        assert [a.shape for a in result] == [(2, 0)] * 3
+    # The core's std::out_of_range is a CoreError too (and so a ValueError).
+    with pytest.raises(CoreError, match="probed list out of range"):
+        _core.ivfpq_patch_scores(scanner, q[0], np.array([7], np.int64))
+
+
+def test_huge_k_is_bounded_by_the_images(trained_faiss):
+    """search(q, k) returns (nq, min(k, images)) whatever k is: k = 2**62 must not allocate by k."""
+    index = fresh(trained_faiss)
+    x, images = clustered(12, seed=3)
+    index.add(x, np.arange(len(x)), images)
+    q = queries(3)
+    for coarse in ("native", "faiss"):
+        index.coarse = coarse
+        index.nprobe = NLIST  # every list: every image is reached
+        huge = index.search(q, 2**62)
+        assert [a.shape for a in huge] == [(3, 12)] * 3 and (huge[1] >= 0).all()
+        for a, b in zip(huge, index.search(q, 12)):
+            np.testing.assert_array_equal(a, b)
+        index.nprobe = 1  # one list reaches fewer images: padded with -inf / -1 after the real hits
+        s, imgs, patches = index.search(q, 2**62)
+        assert imgs.shape == (3, 12) and (imgs == -1).any()
+        reached = imgs >= 0
+        assert (np.sort(reached, axis=1)[:, ::-1] == reached).all()  # hits first, padding after
+        assert np.isneginf(s[~reached]).all() and (patches[~reached] == -1).all()
+    scanner = index._ready_scanner()
+    assert [a.shape for a in scanner.search_native(q, 2, 2**62)] == [(3, 12)] * 3
 
 
 def test_engine_reports_too_few_training_vectors(photos, thumbnail_backbone):

@@ -5,10 +5,13 @@ the assertions allow 1e-6 after normalisation (far below one grey level, 1/255/s
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from patchify import _core
+from patchify.errors import CoreError
 from patchify.images import load_rgb
 from patchify.preprocess import Preprocess
 from patchify.tiling import (TileBatch, grid_sizes, patch_boxes, patches_per_image, pillow_reference_patch,
@@ -253,6 +256,15 @@ def test_bad_out_raises_value_error():
 def test_core_rejects_bad_arguments():
     out = np.zeros((1, 3, 8, 8), np.float32)
     img = [random_image(10, 10)]
+    # Every error of the core is a CoreError (a ValueError) with the C++ message; arrays are never converted.
+    with pytest.raises(CoreError, match=re.escape("out: expected a writeable C-contiguous float32 or float16 array of "
+                                                  "shape (N, 3, 8, 8), got a float64 array of shape (1, 3, 8, 8)")):
+        _core.tile_images(img, [1], 8, [0, 0, 0], [1, 1, 1], "bicubic", 0.0, out.astype(np.float64), 1)
+    with pytest.raises(CoreError, match=re.escape("images[0]: expected a uint8 array of shape (H, W, 3) (any "
+                                                  "strides), got an int64 array of shape (10, 10, 3)")):
+        _core.tile_images([img[0].astype(np.int64)], [1], 8, [0, 0, 0], [1, 1, 1], "bicubic", 0.0, out, 1)
+    with pytest.raises(CoreError, match="smaller than"):
+        _core.patch_boxes(3, 3, [1, 4])
     with pytest.raises(ValueError, match="interpolation"):
         _core.tile_images(img, [1], 8, [0, 0, 0], [1, 1, 1], "nearest", 0.0, out, 1)
     with pytest.raises(ValueError, match="std"):

@@ -1,5 +1,6 @@
 // FlatPatchIndex against a brute-force definition, on both kernels and both storage types: per-image max,
-// tie-breaking, add in pieces (regrouping), removal, validation and float16 rounding.
+// tie-breaking, add in pieces (regrouping), removal, validation, and result width bounded by the images stored.
+// (float16 conversion itself: test_half.cpp.)
 #include "patchify/flat_index.h"
 
 #include <cmath>
@@ -51,7 +52,7 @@ std::vector<ImageHit> brute_force(const Database& db, const float* query, size_t
     double s = 0;
     for (size_t d = 0; d < db.dim; ++d) {
       float v = db.vectors[row * db.dim + d];
-      if (float16) v = patchify::flat_detail::half_to_float(patchify::flat_detail::float_to_half(v));
+      if (float16) v = patchify::half_to_float(patchify::float_to_half(v));
       s += static_cast<double>(v) * query[d];
     }
     const ImageHit hit{static_cast<float>(s), db.image_ids[row], db.patch_ids[row]};
@@ -164,7 +165,9 @@ void test_validation() {
   float s;
   int64_t im, pa;
   CHECK_THROWS(index.search(bad.data(), 1, 1, 1, &s, &im, &pa), std::invalid_argument);
-  CHECK_THROWS(index.search(good.data(), 1, 0, 1, &s, &im, &pa), std::invalid_argument);
+  s = 7.0f;
+  index.search(good.data(), 1, 0, 1, &s, &im, &pa);  // k = 0: nothing to write
+  CHECK(s == 7.0f);
   CHECK_THROWS(FlatPatchIndex(0, false), std::invalid_argument);
   FlatPatchIndex f32(4, false);
   const uint16_t half[4] = {0, 0, 0, 0};
@@ -172,26 +175,25 @@ void test_validation() {
   CHECK_THROWS(f32.set_kernel("sse9"), std::invalid_argument);
 }
 
-void test_half_conversion() {
-  using patchify::flat_detail::float_to_half;
-  using patchify::flat_detail::half_to_float;
-  CHECK(float_to_half(1.0f) == 0x3c00);
-  CHECK(float_to_half(-2.0f) == 0xc000);
-  CHECK(float_to_half(65504.0f) == 0x7bff);
-  CHECK(float_to_half(65520.0f) == 0x7c00);             // rounds up to inf
-  CHECK(float_to_half(1.0f + 1.0f / 2048) == 0x3c00);   // tie -> even
-  CHECK(float_to_half(1.0f + 3.0f / 2048) == 0x3c02);   // tie -> even (up)
-  CHECK(float_to_half(5.9604645e-8f) == 0x0001);        // smallest subnormal
-  CHECK(half_to_float(0x0001) == 5.9604645e-8f);
-  CHECK(half_to_float(0x7bff) == 65504.0f);
-  CHECK(std::isinf(half_to_float(0x7c00)));
-  // Every finite half survives the round trip.
-  int bad = 0;
-  for (uint32_t h = 0; h < 0x10000; ++h) {
-    if ((h & 0x7c00) == 0x7c00) continue;
-    bad += float_to_half(half_to_float(static_cast<uint16_t>(h))) != h;
+// A huge k costs no memory: callers size outputs with result_width(k) = min(k, images stored), and the search's
+// own heaps never exceed the images either. An empty index gives zero columns.
+void test_huge_k_is_bounded_by_images() {
+  const Database db = random_database(7, 16, 11);
+  FlatPatchIndex index(16, false);
+  CHECK(index.result_width(size_t(1) << 62) == 0);
+  index.add(db.vectors.data(), db.patch_ids.size(), db.patch_ids.data(), db.image_ids.data());
+  const size_t huge = size_t(1) << 62;
+  const size_t kk = index.result_width(huge);
+  CHECK(kk == 7 && index.result_width(3) == 3);
+  const size_t nq = 3;
+  std::vector<float> s(nq * kk);
+  std::vector<int64_t> im(nq * kk), pa(nq * kk);
+  index.search(db.vectors.data(), nq, kk, 2, s.data(), im.data(), pa.data());
+  for (size_t q = 0; q < nq; ++q) {
+    const auto expected = brute_force(db, &db.vectors[q * 16], huge, false);
+    CHECK(expected.size() == kk);
+    for (size_t j = 0; j < kk; ++j) CHECK(im[q * kk + j] == expected[j].image && pa[q * kk + j] == expected[j].patch);
   }
-  CHECK(bad == 0);
 }
 
 }  // namespace
@@ -208,6 +210,6 @@ int main() {
   test_ties();
   test_add_in_pieces_and_remove();
   test_validation();
-  test_half_conversion();
+  test_huge_k_is_bounded_by_images();
   return TEST_MAIN_RESULT();
 }

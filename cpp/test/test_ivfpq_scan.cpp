@@ -1,6 +1,7 @@
 // Unit test of the fused IVFPQ scanner against a brute-force reference written out in full here: decode every
 // code, score it as <q, centroid> + <q, decoded residual>, group by image with max, sort.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -163,6 +164,56 @@ void test_scores_and_ranking(int nbits) {
   CHECK_THROWS(s.patch_scores(q.data(), bad.data(), 1, pids, scores), std::out_of_range);
 }
 
+// A huge k allocates nothing big: outputs are sized with result_width(k) = min(k, num_images) and the search's
+// heaps never exceed the images either. A query that reaches fewer images than that is padded.
+void test_huge_k_is_bounded_by_images() {
+  Fixture f(8, 21);
+  patchify::IVFPQScanner s(f.dim, f.nlist, f.M, f.nbits, f.coarse.data(), f.pq.data());
+  for (size_t l = 0; l < f.nlist; ++l) s.set_list(l, f.codes[l].data(), f.ids[l].data(), f.ids[l].size());
+  CHECK(s.result_width(size_t(1) << 62) == 0);  // no image map yet: nothing can be reported
+  s.set_image_map(f.image_of.data(), f.image_of.size(), f.n_images);
+  const size_t kk = s.result_width(size_t(1) << 62);
+  CHECK(kk == f.n_images && s.result_width(4) == 4);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> g;
+  std::vector<float> q(f.dim);
+  for (auto& x : q) x = g(rng);
+  // All lists probed: every image is reached, no padding; the first k equal a k = 4 search.
+  const std::vector<int64_t> all = {0, 1, 2, 3, 4};
+  std::vector<float> out_s(kk), small_s(4);
+  std::vector<int64_t> out_i(kk), out_p(kk), small_i(4), small_p(4);
+  s.search(q.data(), 1, all.data(), all.size(), kk, 2, out_s.data(), out_i.data(), out_p.data());
+  s.search(q.data(), 1, all.data(), all.size(), 4, 2, small_s.data(), small_i.data(), small_p.data());
+  std::vector<int64_t> seen(out_i.begin(), out_i.end());
+  std::sort(seen.begin(), seen.end());
+  for (size_t i = 0; i < kk; ++i) CHECK(seen[i] == static_cast<int64_t>(i));
+  for (size_t j = 0; j < 4; ++j) CHECK(out_i[j] == small_i[j] && out_p[j] == small_p[j] && out_s[j] == small_s[j]);
+  // One list probed: fewer images than kk are reached, the rest is padding.
+  const int64_t one = 0;
+  std::vector<bool> reached(f.n_images, false);
+  for (int64_t pid : f.ids[0]) reached[f.image_of[pid]] = true;
+  const size_t n_reached = static_cast<size_t>(std::count(reached.begin(), reached.end(), true));
+  CHECK(n_reached < kk);
+  s.search(q.data(), 1, &one, 1, kk, 1, out_s.data(), out_i.data(), out_p.data());
+  for (size_t j = 0; j < kk; ++j) CHECK((j < n_reached) == (out_i[j] >= 0 && reached[out_i[j]]));
+  CHECK(out_i[kk - 1] == -1 && out_p[kk - 1] == -1 && std::isinf(out_s[kk - 1]));
+  // The same through the dense per-image path (k above kSmallTopK): more images than kSmallTopK.
+  std::vector<int32_t> spread(f.image_of.size());
+  for (size_t p = 0; p < spread.size(); ++p) spread[p] = static_cast<int32_t>(p);  // one image per patch
+  s.set_image_map(spread.data(), spread.size(), spread.size());
+  const size_t wide = s.result_width(size_t(1) << 62);
+  CHECK(wide == f.n_patches && wide > patchify::IVFPQScanner::kSmallTopK);
+  std::vector<float> w_s(wide);
+  std::vector<int64_t> w_i(wide), w_p(wide);
+  s.search(q.data(), 1, all.data(), all.size(), wide, 1, w_s.data(), w_i.data(), w_p.data());
+  for (size_t j = 0; j < wide; ++j) CHECK(w_i[j] == w_p[j] && w_i[j] >= 0);
+  for (size_t j = 1; j < wide; ++j) CHECK(w_s[j - 1] >= w_s[j]);
+  // k = 0 writes nothing.
+  w_i[0] = 42;
+  s.search(q.data(), 1, all.data(), all.size(), 0, 1, w_s.data(), w_i.data(), w_p.data());
+  CHECK(w_i[0] == 42);
+}
+
 // The batched native coarse search (centroids walked in L2-sized chunks, queries in blocks) must pick exactly
 // the lists the one-query search picks: sizes chosen so that both the centroid chunks (dim 1024 -> 48 rows per
 // chunk) and the query blocks (16) split, with a partial last chunk and block; dim 1026 adds a scalar tail
@@ -199,6 +250,7 @@ int main() {
   test_batched_coarse_probe(1026, 6, 39);
   test_scores_and_ranking(8);
   test_scores_and_ranking(5);  // bit-packed codes, the generic decoder
+  test_huge_k_is_bounded_by_images();
   CHECK_THROWS(patchify::IVFPQScanner(10, 1, 3, 8, nullptr, nullptr), std::invalid_argument);
   return TEST_MAIN_RESULT();
 }

@@ -13,7 +13,9 @@ class FlatPatchIndex:
     def __init__(self, dim: typing.SupportsInt | typing.SupportsIndex, float16: bool = False) -> None:
         ...
     def add(self, vectors: numpy.ndarray, patch_ids: numpy.ndarray, image_ids: numpy.ndarray) -> None:
-        ...
+        """
+        (n, dim) float32 (or float16 into a float16 index) vectors with (n,) int64 patch and image ids, all C-contiguous; all-or-nothing
+        """
     def nbytes(self) -> int:
         ...
     def patch_ids_view(self) -> numpy.ndarray:
@@ -21,14 +23,16 @@ class FlatPatchIndex:
         Read-only view of the patch id of each stored row; invalid after add/remove_images
         """
     def remove_images(self, image_ids: numpy.ndarray) -> int:
-        ...
+        """
+        Removes every patch of these (n,) int64 image ids; returns the number of patches removed
+        """
     def row_image_ids(self) -> numpy.typing.NDArray[numpy.int64]:
         """
         Image id of each stored row (a copy)
         """
     def search(self, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
         """
-        (nq, dim) float32 C-contiguous queries -> (scores, image ids, patch ids), each (nq, k)
+        (nq, dim) float32 C-contiguous queries -> (scores, image ids, patch ids), each (nq, min(k, n_images)), best first
         """
     def vectors_view(self) -> numpy.ndarray:
         """
@@ -58,23 +62,25 @@ class IVFPQScanner:
     """
     Fused max-over-patches ADC scanner over a faiss IndexIVFPQ's inverted lists (inner product, by_residual). Built by patchify.index.ivfpq.
     """
-    def __init__(self, coarse_centroids: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], pq_centroids: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], nbits: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
-    def coarse_probe(self, query: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], nprobe: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.int64]:
+    def __init__(self, coarse_centroids: numpy.ndarray, pq_centroids: numpy.ndarray, nbits: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        coarse_centroids (nlist, dim) and pq_centroids (M, 2^nbits, dim / M), float32 C-contiguous (copied)
+        """
+    def coarse_probe(self, query: numpy.ndarray, nprobe: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.int64]:
         """
         The native coarse search's probed lists for one query.
         """
-    def search(self, queries: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], probes: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    def search(self, queries: numpy.ndarray, probes: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
         """
-        Top-k images per query: (scores, image_ids, patch_ids), each (nq, k), padded with -inf / -1.
+        Top-k images per query: (scores, image_ids, patch_ids), each (nq, min(k, num_images)), padded with -inf / -1 where a query reaches fewer images.
         """
-    def search_native(self, queries: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], nprobe: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    def search_native(self, queries: numpy.ndarray, nprobe: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
         """
         As search, with the coarse search (top-nprobe centroids by inner product) done in C++ too.
         """
-    def set_image_map(self, patch_to_image: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], num_images: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def set_image_map(self, patch_to_image: numpy.ndarray, num_images: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
-        int32 array indexed by patch id giving the image id (-1: removed).
+        int32 array indexed by patch id giving the image id (-1: removed); image ids are < num_images.
         """
     def set_lists(self, codes: collections.abc.Sequence[numpy.ndarray], ids: collections.abc.Sequence[numpy.ndarray], images: collections.abc.Sequence[numpy.ndarray] = []) -> None:
         """
@@ -84,7 +90,7 @@ def hardware_threads() -> int:
     """
     Number of threads used when num_threads <= 0.
     """
-def ivfpq_patch_scores(scanner: IVFPQScanner, query: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], probes: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32]]:
+def ivfpq_patch_scores(scanner: IVFPQScanner, query: numpy.ndarray, probes: numpy.ndarray) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32]]:
     """
     Test hook: every (patch id, score) the scanner computes for one query over the probed lists.
     """
@@ -94,7 +100,7 @@ def patch_boxes(height: typing.SupportsInt | typing.SupportsIndex, width: typing
     """
 def tile_images(images: collections.abc.Sequence, grids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], input_size: typing.SupportsInt | typing.SupportsIndex, mean: typing.Annotated[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], "FixedSize(3)"], std: typing.Annotated[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], "FixedSize(3)"], interpolation: str, overlap: typing.SupportsFloat | typing.SupportsIndex, out: numpy.ndarray, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
     """
-    Tiles HxWx3 uint8 images into grid patches, resized (Pillow-exact) and normalised into `out` (N, 3, s, s) float32/float16 in place. Returns (boxes (P, 4), image (P,), grid (P,), cell (P,)) int32.
+    Tiles HxWx3 uint8 images (any strides) into grid patches, resized (Pillow-exact) and normalised into `out` (N, 3, s, s) float32/float16, C-contiguous, in place. Returns (boxes (P, 4), image (P,), grid (P,), cell (P,)) int32.
     """
 MAX_GRID: int = 256
 __version__: str = '0.1.0.dev0'

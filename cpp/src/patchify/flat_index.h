@@ -12,9 +12,8 @@
 // search is compute-bound like a GEMM while batch-1 search streams the vectors once at memory speed. Work is
 // split over (query block x database chunk) items, so one query still uses every thread.
 //
-// SIMD. The AVX2/FMA/F16C kernel carries __attribute__((target(...))) and is picked at run time with
-// __builtin_cpu_supports: the same binary runs on any x86-64 (or other CPU) through the portable kernel.
-// (target_clones cannot be used on code with AVX2 intrinsics: its default clone would not compile them.)
+// SIMD. The AVX2/FMA/F16C kernel carries __attribute__((target(...))) and is picked at run time
+// (patchify/cpu_features.h): the same binary runs on any x86-64 (or other CPU) through the portable kernel.
 #pragma once
 
 #include <algorithm>
@@ -31,15 +30,13 @@
 #include <unordered_set>
 #include <vector>
 
+#include "patchify/cpu_features.h"
+#include "patchify/half.h"
 #include "patchify/parallel.h"
 #include "patchify/topk.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define PATCHIFY_FLAT_X86 1
-#include <immintrin.h>
+#if PATCHIFY_X86
 #define PATCHIFY_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-#else
-#define PATCHIFY_FLAT_X86 0
 #endif
 
 namespace patchify {
@@ -63,60 +60,6 @@ struct AlignedAllocator {
 
 template <class T>
 using AlignedVector = std::vector<T, AlignedAllocator<T>>;
-
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// IEEE half -> float, exact (subnormals, inf, nan included). Portable twin of _cvtph_ps.
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {
-    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
-    return sign ? -v : v;
-  }
-  if (exp == 31) return bits_float(sign | 0x7f800000u | (mant << 13));
-  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
-}
-
-// float -> IEEE half with round-to-nearest-even, as numpy's astype(float16) and _cvtps_ph do
-// (F. Giesen's float_to_half_fast3_rtne).
-inline uint16_t float_to_half(float f) {
-  uint32_t x = float_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  x &= 0x7fffffffu;
-  uint16_t h;
-  if (x >= 0x47800000u) {  // >= 65536 (rounds to inf), inf or nan
-    h = x > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (x < 0x38800000u) {  // below the smallest normal half: let the FPU round into a subnormal
-    const uint32_t denorm_magic = 126u << 23;
-    h = static_cast<uint16_t>(float_bits(bits_float(x) + bits_float(denorm_magic)) - denorm_magic);
-  } else {
-    const uint32_t mant_odd = (x >> 13) & 1u;
-    x += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu;
-    x += mant_odd;
-    h = static_cast<uint16_t>(x >> 13);
-  }
-  return static_cast<uint16_t>(h | sign);
-}
-
-inline bool cpu_has_avx2_fma_f16c() {
-#if PATCHIFY_FLAT_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Kernels: out[q * out_stride + r] = <queries[q], rows[r]> for q < nq, r < nr. Rows and queries are padded to
@@ -148,11 +91,11 @@ inline void dot_block_generic(const float* queries, size_t nq, const float* rows
 inline void dot_block_generic(const float* queries, size_t nq, const uint16_t* rows, size_t nr, size_t stride,
                               float* out, size_t out_stride, std::vector<float>& scratch) {
   scratch.resize(nr * stride);
-  for (size_t i = 0; i < nr * stride; ++i) scratch[i] = half_to_float(rows[i]);
+  for (size_t i = 0; i < nr * stride; ++i) scratch[i] = patchify::half_to_float(rows[i]);
   dot_block_float(queries, nq, scratch.data(), nr, stride, out, out_stride);
 }
 
-#if PATCHIFY_FLAT_X86
+#if PATCHIFY_X86
 PATCHIFY_AVX2_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 PATCHIFY_AVX2_TARGET inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -251,7 +194,7 @@ class FlatPatchIndex {
  public:
   // float16: store vectors as IEEE half (half the memory traffic); queries and arithmetic stay float32.
   FlatPatchIndex(size_t dim, bool float16)
-      : dim_(dim), stride_((dim + 7) / 8 * 8), float16_(float16), simd_(flat_detail::cpu_has_avx2_fma_f16c()) {
+      : dim_(dim), stride_((dim + 7) / 8 * 8), float16_(float16), simd_(has_avx2_fma_f16c()) {
     if (dim == 0) throw std::invalid_argument("dim must be >= 1");
     run_begin_.push_back(0);
   }
@@ -275,7 +218,7 @@ class FlatPatchIndex {
     if (name == "generic") {
       simd_ = false;
     } else if (name == "avx2") {
-      if (!flat_detail::cpu_has_avx2_fma_f16c()) throw std::invalid_argument("this CPU lacks AVX2/FMA/F16C");
+      if (!has_avx2_fma_f16c()) throw std::invalid_argument("this CPU lacks AVX2/FMA/F16C");
       simd_ = true;
     } else {
       throw std::invalid_argument("kernel must be 'avx2' or 'generic', got '" + name + "'");
@@ -324,17 +267,22 @@ class FlatPatchIndex {
     return removed;
   }
 
+  // Output columns worth allocating for a top-k search: no query can rank more images than are stored, so
+  // callers size their outputs nq x result_width(k) and memory stays bounded by the index, whatever k is.
+  size_t result_width(size_t k) const { return std::min(k, n_images()); }
+
   // Top-k images for nq queries (nq x dim, contiguous float32): writes nq x k scores (best first), image ids
-  // and winning patch ids; rows with fewer than k images are padded with -inf / -1. Ties: larger score first,
-  // then the smaller image id; within an image the smaller patch id wins a tie.
+  // and winning patch ids; columns beyond the images stored (k from result_width() before a concurrent remove)
+  // are padded with -inf / -1. k = 0 writes nothing. Internal buffers hold at most min(k, images) hits per query
+  // and database chunk. Ties: larger score first, then the smaller image id; within an image the smaller patch
+  // id wins a tie.
   void search(const float* queries, size_t nq, size_t k, int num_threads, float* scores, int64_t* images,
               int64_t* patches) const {
-    if (k < 1) throw std::invalid_argument("k must be >= 1");
     for (size_t i = 0; i < nq * dim_; ++i)
       if (!std::isfinite(queries[i]))
         throw std::invalid_argument("query " + std::to_string(i / dim_) + " contains NaN or infinity");
     std::shared_lock<std::shared_mutex> lock(mutex_);
-    if (nq == 0) return;
+    if (nq == 0 || k == 0) return;
     // Pad queries to the row stride with zeros so that kernels never need a tail loop.
     std::vector<float, flat_detail::AlignedAllocator<float>> padded(nq * stride_, 0.0f);
     for (size_t q = 0; q < nq; ++q) std::memcpy(&padded[q * stride_], queries + q * dim_, dim_ * sizeof(float));
@@ -491,12 +439,12 @@ class FlatPatchIndex {
   }
 
   static float to_float(float v) { return v; }
-  static float to_float(uint16_t v) { return flat_detail::half_to_float(v); }
+  static float to_float(uint16_t v) { return patchify::half_to_float(v); }
 
   void store_row(size_t row, const float* v) {
     if (float16_) {
       uint16_t* out = &f16_[row * stride_];
-      for (size_t d = 0; d < dim_; ++d) out[d] = flat_detail::float_to_half(v[d]);
+      for (size_t d = 0; d < dim_; ++d) out[d] = patchify::float_to_half(v[d]);
     } else {
       std::memcpy(&f32_[row * stride_], v, dim_ * sizeof(float));
     }
@@ -506,7 +454,7 @@ class FlatPatchIndex {
   template <class T>
   void dot_block(const float* queries, size_t nq, const T* rows, size_t nr, float* out, size_t out_stride,
                  std::vector<float>& scratch) const {
-#if PATCHIFY_FLAT_X86
+#if PATCHIFY_X86
     if (simd_) {
       flat_detail::dot_block_avx2(queries, nq, rows, nr, stride_, out, out_stride);
       return;

@@ -28,15 +28,9 @@
 #include <string>
 #include <vector>
 
+#include "patchify/cpu_features.h"
 #include "patchify/parallel.h"
 #include "patchify/topk.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#define PATCHIFY_X86_DISPATCH 1
-#else
-#define PATCHIFY_X86_DISPATCH 0
-#endif
 
 namespace patchify {
 
@@ -99,7 +93,7 @@ inline void dots_to_rows_generic(const float* q, const float* rows, size_t n, si
   for (size_t j = 0; j < n; ++j) scores[j] = dot(q, rows + j * d, d);
 }
 
-#if PATCHIFY_X86_DISPATCH
+#if PATCHIFY_X86
 // Every AVX2 kernel below sums a row the same way (8 lanes of FMA over i, this reduction, then a scalar FMA
 // tail), so a score does not depend on which kernel, or which position in a group, produced it: the batched
 // and the one-query coarse searches then pick exactly the same lists.
@@ -196,18 +190,9 @@ __attribute__((target("avx2,fma"))) inline void dots_4q_avx2(const float* const*
 }
 #endif
 
-inline bool has_avx2_fma() {
-#if PATCHIFY_X86_DISPATCH
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return avx2;
-#else
-  return false;
-#endif
-}
-
 inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, float* scores) {
-#if PATCHIFY_X86_DISPATCH
-  if (has_avx2_fma()) return dots_to_rows_avx2(q, rows, n, d, scores);
+#if PATCHIFY_X86
+  if (patchify::has_avx2_fma()) return dots_to_rows_avx2(q, rows, n, d, scores);
 #endif
   dots_to_rows_generic(q, rows, n, d, scores);
 }
@@ -217,8 +202,8 @@ inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, 
 inline void dots_queries_to_rows(const float* const* q, size_t nq, const float* rows, size_t n, size_t d,
                                  float* const* scores) {
   size_t t = 0;
-#if PATCHIFY_X86_DISPATCH
-  if (has_avx2_fma())
+#if PATCHIFY_X86
+  if (patchify::has_avx2_fma())
     for (; t + 4 <= nq; t += 4) dots_4q_avx2(q + t, rows, n, d, scores + t);
 #endif
   for (; t < nq; ++t) dots_to_rows(q[t], rows, n, d, scores[t]);
@@ -243,7 +228,7 @@ __attribute__((always_inline)) inline void adc_table_body(const float* query, co
   }
 }
 
-#if PATCHIFY_X86_DISPATCH
+#if PATCHIFY_X86
 __attribute__((target("avx2,fma"))) inline void adc_table_avx2(const float* query, const float* pq_t, size_t M,
                                                                  size_t dsub, size_t ksub, float* table) {
   adc_table_body(query, pq_t, M, dsub, ksub, table);
@@ -251,8 +236,8 @@ __attribute__((target("avx2,fma"))) inline void adc_table_avx2(const float* quer
 #endif
 
 inline void adc_table(const float* query, const float* pq_t, size_t M, size_t dsub, size_t ksub, float* table) {
-#if PATCHIFY_X86_DISPATCH
-  if (has_avx2_fma()) return adc_table_avx2(query, pq_t, M, dsub, ksub, table);
+#if PATCHIFY_X86
+  if (patchify::has_avx2_fma()) return adc_table_avx2(query, pq_t, M, dsub, ksub, table);
 #endif
   adc_table_body(query, pq_t, M, dsub, ksub, table);
 }
@@ -362,12 +347,18 @@ class IVFPQScanner {
     lists_[list_no] = InvertedListView{codes, ids, size, images};
   }
 
-  // patch id -> image id (int32; -1 = removed/unknown). Not owned; num_images bounds the image ids.
+  // patch id -> image id (int32; -1 = removed/unknown). Not owned; num_images bounds the image ids (ids at or
+  // above it are never reported) and so the number of distinct images a search can return.
   void set_image_map(const int32_t* map, size_t map_size, size_t num_images) {
     map_ = map;
     map_size_ = map_size;
     num_images_ = num_images;
   }
+  size_t num_images() const { return num_images_; }
+
+  // Output columns worth allocating for a top-k search: min(k, num_images), so memory is bounded by the index
+  // whatever k is.
+  size_t result_width(size_t k) const { return std::min(k, num_images_); }
 
   // The M x ksub ADC table of one query: table[m * ksub + c] = <q_m, pq_centroid[m][c]>.
   void compute_table(const float* query, float* table) const {
@@ -439,10 +430,18 @@ class IVFPQScanner {
   static constexpr size_t kSmallTopK = 64;
 
   // Top-k images per query. queries: nq x dim; probes: nq x nprobe list ids from faiss's coarse quantiser, or
-  // nullptr to run the native coarse search (one call, no Python in between); outputs nq x k.
+  // nullptr to run the native coarse search (one call, no Python in between); outputs nq x k, padded with
+  // -inf / -1 where a query reaches fewer images. Size k with result_width(): the per-query heaps and scratch
+  // never hold more than min(k, num_images) images anyway, so a huge k cannot allocate. k = 0 writes nothing.
   void search(const float* queries, size_t nq, const int64_t* probes, size_t nprobe, size_t k, int num_threads,
               float* out_scores, int64_t* out_images, int64_t* out_patches) const {
     if (map_ == nullptr && map_size_ > 0) throw std::runtime_error("IVFPQScanner: image map not set");
+    if (nq == 0 || k == 0) return;
+    const size_t kk = result_width(k);  // the most hits a query can have: heap sizes
+    if (kk == 0) {  // no image can be reported (num_images = 0): all padding
+      for (size_t qi = 0; qi < nq; ++qi) write_hits({}, k, out_scores + qi * k, out_images + qi * k, out_patches + qi * k);
+      return;
+    }
     std::vector<int64_t> batch_probes;
     if (probes == nullptr && nq > 1) {
       batch_probes.resize(nq * nprobe);
@@ -462,8 +461,8 @@ class IVFPQScanner {
         query_probes = s.probes.data();
       }
       compute_table(q, s.table.data());
-      if (k <= kSmallTopK) {
-        detail::SmallTopImages top(k);
+      if (kk <= kSmallTopK) {
+        detail::SmallTopImages top(kk);
         scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
           if (score < top.threshold()) return;
           if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
@@ -489,7 +488,7 @@ class IVFPQScanner {
           best_patch[img] = pid;
         }
       });
-      TopKCollector top(k);
+      TopKCollector top(kk);
       for (int32_t img : touched) {
         const float sc = best[img];
         if (sc >= top.threshold()) top.push(ImageHit{sc, img, best_patch[img]});

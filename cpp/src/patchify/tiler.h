@@ -25,15 +25,9 @@
 #include <string>
 #include <vector>
 
+#include "patchify/cpu_features.h"
+#include "patchify/half.h"
 #include "patchify/parallel.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-// Run-time dispatch: one binary (baseline x86-64), AVX2 kernel where the CPU has it.
-#define PATCHIFY_TILER_X86 1
-#include <immintrin.h>
-#else
-#define PATCHIFY_TILER_X86 0
-#endif
 
 namespace patchify {
 
@@ -201,7 +195,7 @@ static void convolve_lanes_generic(const uint8_t* src, ptrdiff_t stride, const i
   for (int j = 0; j < kLanes; ++j) dst[j] = static_cast<uint8_t>(std::min(255, std::max(0, acc[j] >> kPrecisionBits)));
 }
 
-#if PATCHIFY_TILER_X86
+#if PATCHIFY_X86
 // The same with AVX2 intrinsics: six 8-lane accumulators stay in registers (the auto-vectorised version spills
 // them every tap), and the saturating packs do the clip exactly (acc >> 22 is within [-640, 639]).
 #define PATCHIFY_AVX2 __attribute__((target("avx2"), always_inline)) static inline
@@ -235,16 +229,11 @@ __attribute__((target("avx2"))) static void convolve_lanes_avx2(const uint8_t* s
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), b0);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_castsi256_si128(b1));
 }
-
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 
 inline void convolve_lanes(const uint8_t* src, ptrdiff_t stride, const int32_t* w, int taps, uint8_t* dst) {
-#if PATCHIFY_TILER_X86
-  if (cpu_has_avx2()) return convolve_lanes_avx2(src, stride, w, taps, dst);
+#if PATCHIFY_X86
+  if (has_avx2()) return convolve_lanes_avx2(src, stride, w, taps, dst);
 #endif
   convolve_lanes_generic(src, stride, w, taps, dst);
 }
@@ -264,35 +253,6 @@ inline void convolve_row(const uint8_t* src, ptrdiff_t stride, const int32_t* w,
   int j = 0;
   for (; j + kLanes <= n; j += kLanes) convolve_lanes(src + j, stride, w, taps, dst + j);
   if (j < n) convolve_tail(src + j, stride, w, taps, n - j, dst + j);
-}
-
-// IEEE binary16 bits of a float, round to nearest even (as numpy's astype(float16)). Used only to build the
-// 768-entry output lookup table, so clarity beats speed.
-inline uint16_t float_to_half(float value) {
-  uint32_t f;
-  std::memcpy(&f, &value, sizeof(f));
-  const uint16_t sign = static_cast<uint16_t>((f >> 16) & 0x8000u);
-  const uint32_t abs = f & 0x7fffffffu;
-  if (abs >= 0x7f800000u) return sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u);  // NaN / inf
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: overflow to inf
-  if (abs < 0x38800000u) {  // below the smallest normal half (2^-14): subnormal or zero
-    if (abs < 0x33000000u) return sign;  // < 2^-25 rounds to zero (2^-25 itself is a tie to even zero)
-    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
-    // value = mant * 2^(e - 150); in half subnormal units (2^-24) that is mant >> (126 - e).
-    const int shift = 126 - static_cast<int>(abs >> 23);
-    const uint32_t q = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1u);
-    const uint32_t halfway = 1u << (shift - 1);
-    const uint32_t rounded = q + ((rem > halfway || (rem == halfway && (q & 1u))) ? 1u : 0u);
-    return sign | static_cast<uint16_t>(rounded);
-  }
-  // Normal: rebias exponent, keep 10 mantissa bits, round the 13 dropped bits to nearest even (a carry into the
-  // exponent is the correct result).
-  const uint32_t rebased = abs - (static_cast<uint32_t>(127 - 15) << 23);
-  const uint32_t q = rebased >> 13;
-  const uint32_t rem = rebased & 0x1fffu;
-  const uint32_t rounded = q + ((rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ? 1u : 0u);
-  return sign | static_cast<uint16_t>(rounded);
 }
 
 }  // namespace tiler_detail
@@ -512,7 +472,7 @@ struct NormalisationTable {
       for (int v = 0; v < 256; ++v) {
         const float scaled = static_cast<float>(v) / 255.0f;
         f32[c][v] = (scaled - format.mean[c]) / format.std[c];
-        f16[c][v] = tiler_detail::float_to_half(f32[c][v]);
+        f16[c][v] = float_to_half(f32[c][v]);
       }
     }
   }

@@ -20,6 +20,8 @@ inline bool better(const ImageHit& a, const ImageHit& b) {
 }
 
 // Keeps the k best hits seen so far (a min-heap on "better"), for scans that see candidates one by one.
+// Reserves k entries up front: callers pass k bounded by the candidates they can see (min(k, images)), never a
+// user's k as is, so a huge k cannot allocate.
 class TopKCollector {
  public:
   explicit TopKCollector(size_t k) : k_(k) { heap_.reserve(k); }

@@ -207,9 +207,8 @@ class IVFPQIndex:
         padded with -inf / -1 where the probed lists hold fewer images."""
         q = check_queries(queries, self.dim)
         k = result_width(k, self._num_images)
-        if self.ntotal == 0 or k == 0:
-            return (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64),
-                    np.full((len(q), k), -1, np.int64))
+        if self.ntotal == 0 or k == 0:  # no image to rank: no columns, whatever k is
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
         scanner = self._ready_scanner()
         if self.coarse == "native":
             return scanner.search_native(q, self._nprobe(), k, self.num_threads)
