@@ -104,4 +104,22 @@ inline size_t check_k(py::ssize_t k) {
   return static_cast<size_t>(k);
 }
 
+// The three (nq, kk) result arrays every search returns, allocated with the GIL held; the core fills them through
+// the raw pointers while the GIL is released.
+struct SearchResults {
+  py::array_t<float> scores;
+  py::array_t<int64_t> images, patches;
+  SearchResults(size_t nq, size_t kk)
+      : scores(shape(nq, kk)), images(shape(nq, kk)), patches(shape(nq, kk)) {}
+  float* score_data() { return scores.mutable_data(); }
+  int64_t* image_data() { return images.mutable_data(); }
+  int64_t* patch_data() { return patches.mutable_data(); }
+  py::tuple tuple() const { return py::make_tuple(scores, images, patches); }
+
+ private:
+  static std::vector<py::ssize_t> shape(size_t nq, size_t kk) {
+    return {static_cast<py::ssize_t>(nq), static_cast<py::ssize_t>(kk)};
+  }
+};
+
 }  // namespace patchify_bindings

@@ -53,17 +53,15 @@ auto search(const FlatPatchIndex& self, const py::array& queries, py::ssize_t k,
   const float* q = array_data<float>(queries, "queries", {"nq", self.dim()});
   const size_t nq = static_cast<size_t>(queries.shape(0));
   const size_t kk = self.result_width(k_asked);
-  const std::vector<py::ssize_t> shape = {static_cast<py::ssize_t>(nq), static_cast<py::ssize_t>(kk)};
-  py::array_t<float> scores(shape);
-  py::array_t<int64_t> images(shape), patches(shape);
-  float* s = scores.mutable_data();
-  int64_t* im = images.mutable_data();
-  int64_t* pa = patches.mutable_data();
+  SearchResults out(nq, kk);
+  float* s = out.score_data();
+  int64_t* im = out.image_data();
+  int64_t* pa = out.patch_data();
   {
     py::gil_scoped_release release;
     self.search(q, nq, kk, num_threads, s, im, pa);
   }
-  return py::make_tuple(scores, images, patches);
+  return out.tuple();
 }
 
 }  // namespace
