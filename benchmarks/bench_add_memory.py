@@ -70,7 +70,8 @@ def measure(files: list[Path], level: int) -> dict[str, float]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     index_bytes = engine.index.nbytes()  # type: ignore[union-attr]
     growth = max(peak, peak_before) - before
-    return {"package": str(Path(patchify.__file__).parent), "images": report.n_images, "patches": report.n_patches, "seconds": round(report.seconds, 2),
+    return {"package": str(Path(patchify.__file__).parent), "images": report.n_images,
+            "patches": report.n_patches, "seconds": round(report.seconds, 2),
             "rss_before_mb": round(before / 2**20, 1), "peak_growth_mb": round(growth / 2**20, 1),
             "index_mb": round(index_bytes / 2**20, 1), "overhead_mb": round((growth - index_bytes) / 2**20, 1)}
 

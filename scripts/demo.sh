@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install, index the shipped real photos, search with a crop of one of them.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-source "$root/scripts/setup.sh"
+source "$root/scripts/setup.sh" runtime  # no torch: the default backbone needs onnx + onnxruntime only
 cd "$root"
 out="${PATCHIFY_DEMO_DIR:-$root/demo_output}"
 mkdir -p "$out"

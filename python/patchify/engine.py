@@ -55,6 +55,9 @@ class Patchify:
                  batch_size: int = DEFAULT_BATCH_SIZE, num_threads: int = 0,
                  embedding_cache: bool | str | os.PathLike | None = None, progress: bool = False,
                  **index_settings: Any) -> None:
+        if "levels" in index_settings:
+            raise ValueError("Patchify takes level=L (the finest grid level: grids 1..L+1) or grids=[...]; "
+                             "levels= names a list of levels (patchify eval)")
         if tiling is not None and (level is not None or grids is not None or overlap):
             raise ValueError("give tiling=TilingConfig(...) or level/grids/overlap, not both")
         if level is not None and grids is not None:

