@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _source_tree  # noqa: E402,F401  (python/ on sys.path only for an in-place build)
 
+from patchify.config import IVFPQConfig  # noqa: E402
 from patchify.index.ivfpq import IVFPQIndex  # noqa: E402
 from patchify.training import select_training_vectors  # noqa: E402
 
@@ -135,8 +136,8 @@ def main() -> None:
     ap.add_argument("--patches-per-image", type=int, default=14)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--nlist", type=int, default=None, help="default 4096, scaled down below 1.4M patches")
-    ap.add_argument("--m", type=int, default=48)
-    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--m", type=int, default=IVFPQConfig.m)
+    ap.add_argument("--nprobe", type=int, default=IVFPQConfig.nprobe)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--queries", type=int, default=200, help="single-query latency samples")
     ap.add_argument("--batch", type=int, default=64)

@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE))
 import _source_tree  # noqa: E402,F401  (python/ on sys.path only for an in-place build)
 
 from bench_flat import faiss_search_fn, latency, throughput  # noqa: E402
+from patchify.config import IVFPQConfig  # noqa: E402
 from bench_ivfpq import GRID_LEVEL_PATCHES, group_top_images, make_queries, smallest_k_prime, synthetic  # noqa: E402
 
 KINDS = ("flat_f32", "flat_f16", "ivfpq")
@@ -274,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--m", type=int, default=48)
-    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--m", type=int, default=IVFPQConfig.m)
+    parser.add_argument("--nprobe", type=int, default=IVFPQConfig.nprobe)
     parser.add_argument("--max-nlist", type=int, default=1024)
     parser.add_argument("--train-iterations", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=1.5, help="seconds of timing per method and mode")

@@ -32,13 +32,15 @@ def gt_crops(dataset) -> list[np.ndarray]:
 
 
 def main() -> int:
+    from patchify.config import IVFPQConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench_dir", type=Path)
     parser.add_argument("--level", type=int, default=3)
-    parser.add_argument("--m", type=int, default=48)
+    parser.add_argument("--m", type=int, default=IVFPQConfig.m)
     parser.add_argument("--nbits", type=int, default=5, help="bits per PQ code (small benchmarks cannot train 8)")
     parser.add_argument("--nlist", type=int, default=None)
-    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--nprobe", type=int, default=IVFPQConfig.nprobe)
     parser.add_argument("--cache", default=None, help="embedding cache folder (as given to patchify eval)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

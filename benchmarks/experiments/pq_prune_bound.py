@@ -19,12 +19,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_ivfpq import make_queries, synthetic  # noqa: E402
 
+from patchify.config import IVFPQConfig  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--nlist", type=int, default=1024)
-    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--nprobe", type=int, default=IVFPQConfig.nprobe)
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--k", type=int, default=10)
     args = ap.parse_args()
