@@ -94,6 +94,45 @@ def test_huge_images_are_refused_before_decoding(tmp_path):
     assert load_rgb(path, max_pixels=300 * 200).shape == (200, 300, 3)
 
 
+def _constant_png(path: Path, width: int, height: int) -> Path:
+    """A black 8-bit grayscale PNG written row by row: a 90 MP file costs ~90 kB and no 90 MB buffer."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte 0, then the pixels
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_one_pixel_limit_ours_not_pillows(tmp_path):
+    """A 90 MP photo is over Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, ~89.5 MP) but under
+    ours: it decodes with the default limit, is refused by a lower max_pixels before decoding, and Pillow's global
+    setting is left as it was for everyone else."""
+    path = _constant_png(tmp_path / "large.png", 10000, 9000)
+    before = Image.MAX_IMAGE_PIXELS
+    assert before is not None and 10000 * 9000 > before
+    with pytest.raises(ImageError) as info:
+        load_rgb(path, max_pixels=50_000_000)
+    assert str(path) in str(info.value) and "max_pixels=50000000" in str(info.value)
+    assert "10000x9000" in str(info.value)
+    pixels = load_rgb(path)
+    assert pixels.shape == (9000, 10000, 3) and pixels.dtype == np.uint8 and not pixels[::997, ::991].any()
+    del pixels
+    assert load_rgb(path, max_pixels=None).shape == (9000, 10000, 3)  # None = the default
+    assert Image.MAX_IMAGE_PIXELS == before
+    # Outside our calls Pillow's own check is untouched: it still warns about this file.
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(path).close()
+    with pytest.raises(ValueError, match="max_pixels"):
+        load_rgb(path, max_pixels=0)
+
+
 def test_pil_images_and_unsupported_types():
     image = Image.new("RGB", (7, 3), (1, 2, 3))
     assert load_rgb(image).shape == (3, 7, 3)

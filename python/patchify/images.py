@@ -5,7 +5,7 @@ Every failure is an `ImageError` that names the source, so batch work can skip t
 from __future__ import annotations
 
 import os
-import warnings
+import threading
 from pathlib import Path
 from typing import Union
 
@@ -16,7 +16,8 @@ from .errors import ImageError
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
-# Decompression-bomb guard: a 20k x 20k photo is the largest we decode by default.
+# Decompression-bomb guard: a 20k x 20k photo is the largest we decode by default. It is the only limit: Pillow's
+# own (Image.MAX_IMAGE_PIXELS, ~89.5 MP) is replaced by it inside `load_rgb` calls (see _bomb_check).
 DEFAULT_MAX_PIXELS = 400_000_000
 
 _WHITE = (255, 255, 255)
@@ -33,21 +34,66 @@ def describe_source(source: object) -> str:
     return f"<{type(source).__name__}>"
 
 
-def load_rgb(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_rgb(source: ImageSource, *, max_pixels: int | None = None) -> np.ndarray:
     """Returns the image as a C-contiguous HxWx3 uint8 RGB array.
 
     Files and PIL images are rotated upright by their EXIF orientation; grayscale, palette, CMYK and other modes
     are converted to RGB; transparent pixels are composited over white; 16-bit and 32-bit integer images are
     scaled to 8 bits. Raises `ImageError` naming the source on anything unusable.
+
+    `max_pixels` (None = DEFAULT_MAX_PIXELS) refuses larger images before decoding them (from the header's size);
+    it replaces Pillow's decompression-bomb limit for this call only (Image.MAX_IMAGE_PIXELS is left alone).
     """
+    if max_pixels is None:
+        max_pixels = DEFAULT_MAX_PIXELS
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    max_pixels = int(max_pixels)
     name = describe_source(source)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name, max_pixels)
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source, name, max_pixels)
     if isinstance(source, (str, os.PathLike)):
-        return _pil_to_rgb(_open_file(Path(source), name, max_pixels), name, max_pixels)
+        outer = getattr(_call_limit, "max_pixels", None)
+        _call_limit.max_pixels = max_pixels  # for decoding and for EXIF rotation (Pillow checks sizes in both)
+        try:
+            return _pil_to_rgb(_open_file(Path(source), name, max_pixels), name, max_pixels)
+        finally:
+            _call_limit.max_pixels = outer
     raise ImageError(name, "expected a file path, a PIL image or an HxWx3 uint8 numpy array")
+
+
+class _TooLarge(Image.DecompressionBombError):
+    def __init__(self, size: tuple[int, int], max_pixels: int) -> None:
+        super().__init__(f"{size[0]}x{size[1]} pixels > {max_pixels}")
+        self.size = size
+
+
+# The max_pixels of the `load_rgb` call running on this thread (None outside one).
+_call_limit = threading.local()
+_pillow_bomb_check = getattr(Image, "_decompression_bomb_check", None)
+
+
+def _bomb_check(size: tuple[int, int], *args: object, **kwargs: object) -> None:
+    """Pillow's decompression-bomb check, which Pillow runs on the header's size in Image.open and on frame and
+    tile sizes while decoding. Inside a `load_rgb` call it applies that call's max_pixels instead of
+    Image.MAX_IMAGE_PIXELS (else a 10000x9000 photo would be refused whatever max_pixels says); everywhere else
+    it is Pillow's own check, unchanged. A thread-local limit, not a temporary change of MAX_IMAGE_PIXELS: that
+    global would leak to the user's other threads and race with our decoding threads."""
+    limit = getattr(_call_limit, "max_pixels", None)
+    if limit is None:
+        assert _pillow_bomb_check is not None
+        _pillow_bomb_check(size, *args, **kwargs)
+        return
+    width, height = (int(v) for v in size)
+    if width * height > limit:
+        raise _TooLarge((width, height), limit)
+
+
+if _pillow_bomb_check is not None and getattr(_pillow_bomb_check, "__name__", "") != "_bomb_check":
+    Image._decompression_bomb_check = _bomb_check
+# Else (a Pillow without this hook) Pillow's own limit still applies on top of ours.
 
 
 def _open_file(path: Path, name: str, max_pixels: int) -> Image.Image:
@@ -56,14 +102,15 @@ def _open_file(path: Path, name: str, max_pixels: int) -> Image.Image:
     if path.is_dir():
         raise ImageError(name, "is a directory, not an image file")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we want a hard, named refusal.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            _check_size(image.size, name, max_pixels)
-            image.load()  # decode now, so truncation surfaces here and not in the tiler
+        image = Image.open(path)  # reads the header only; _bomb_check refuses a too large size here
+        _check_size(image.size, name, max_pixels)
+        image.load()  # decode now, so truncation surfaces here and not in the tiler
     except ImageError:
         raise
+    except _TooLarge as exc:
+        width, height = exc.size
+        raise ImageError(name, f"too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}"
+                         ) from None
     except UnidentifiedImageError:
         raise ImageError(name, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

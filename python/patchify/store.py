@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import tokenize
 import uuid
 import zipfile
 from contextlib import contextmanager
@@ -155,6 +156,14 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path}: index format version {version!r} is not supported (this patchify reads "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}); {hint}"
         )
+    # What every reader (`load`, `patchify info`) indexes without looking: a damaged manifest fails here, named.
+    try:
+        describe(manifest)
+        if not isinstance(manifest["backbone"], dict) or "name" not in manifest["backbone"]:
+            raise KeyError("backbone.name")
+        manifest["n_images"], manifest["n_patches"]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise IndexFormatError(f"{path}: invalid manifest ({type(exc).__name__}: {exc})") from None
     return manifest
 
 
@@ -188,8 +197,14 @@ def _v1_ivfpq_settings(directory: Path, config: dict[str, Any]) -> dict[str, Any
 def check_files(directory: Path, manifest: dict[str, Any], *, checksums: bool) -> None:
     """Every file the manifest lists exists with its size (and, with checksums, its sha256); the error names
     the file. Version 1 listed no files: nothing to check."""
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise IndexFormatError(f"{directory / MANIFEST}: invalid file list ({type(files).__name__}, not an object)")
+    for name, expected in files.items():
         path = directory / name
+        if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int) or \
+                not isinstance(expected.get("sha256"), str):
+            raise IndexFormatError(f"{directory / MANIFEST}: invalid entry for {name!r} in its file list")
         if not path.is_file():
             raise IndexFormatError(f"{path}: missing from the index folder")
         size = path.stat().st_size
@@ -246,7 +261,8 @@ def _load_patches(path: Path, n_patches: int, n_images: int) -> PatchTable:
     try:
         with np.load(path, allow_pickle=False) as archive:
             columns = {name: archive[name] for name in ("image", "box", "grid", "cell")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    # tokenize.TokenError: numpy parses a garbled .npy header with tokenize and lets its error through.
+    except (OSError, ValueError, KeyError, EOFError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile) as exc:
         raise IndexFormatError(f"{path}: corrupt or incomplete ({exc})") from None
     expected = {"image": (n_patches,), "box": (n_patches, 4), "grid": (n_patches,), "cell": (n_patches,)}
     for name, shape in expected.items():

@@ -12,6 +12,7 @@ benchmarks.
 from __future__ import annotations
 
 import numbers
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +194,8 @@ def _load_npy(path: Path) -> np.ndarray:
         raise IndexFormatError(f"{path}: missing from the index folder")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:  # truncated or garbled .npy
+    # Truncated or garbled .npy; numpy parses a garbled header with tokenize, which raises its own TokenError.
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as exc:
         raise IndexFormatError(f"{path}: corrupt ({exc})") from None
 
 

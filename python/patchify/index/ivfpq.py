@@ -269,6 +269,9 @@ class IVFPQIndex:
             ivf = _checked_faiss_index(_faiss().read_index(str(path)), str(path))
         except (RuntimeError, ValueError) as exc:
             raise IndexFormatError(f"{path}: corrupt or not an inner-product IVFPQ index ({exc})") from None
+        except MemoryError as exc:  # faiss allocates what a (damaged) size field says before reading it
+            raise IndexFormatError(f"{path}: corrupt (a size field asks for more memory than there is: {exc})"
+                                   ) from None
         if (ivf.d, ivf.pq.M, ivf.pq.nbits) != (dim, config.m, config.nbits) or \
                 (config.nlist is not None and ivf.nlist != config.nlist):
             raise IndexFormatError(f"{path}: d/nlist/M/nbits {ivf.d}/{ivf.nlist}/{ivf.pq.M}/{ivf.pq.nbits} do not "
@@ -277,6 +280,7 @@ class IVFPQIndex:
         if int((patch_map >= 0).sum()) != ivf.ntotal:
             raise IndexFormatError(f"{path}: {ivf.ntotal} indexed patches, the patch table has "
                                    f"{int((patch_map >= 0).sum())} of images not removed")
+        _check_list_ids(ivf, patch_map, path)
         self = cls(dim, nlist=int(ivf.nlist), m=config.m, nbits=config.nbits, nprobe=config.nprobe,
                    num_threads=num_threads, training_source=config.training_source)
         self._index = ivf
@@ -359,6 +363,19 @@ class IVFPQIndex:
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
+
+
+def _check_list_ids(ivf: Any, patch_map: np.ndarray, path: Path) -> None:
+    """The inverted lists must hold each patch of the images not removed exactly once: the ids index the patch
+    table and the map, so a damaged id would fail the search (or, negative, silently name another patch)."""
+    faiss = _faiss()
+    invlists = ivf.invlists
+    sizes = [int(invlists.list_size(list_no)) for list_no in range(ivf.nlist)]
+    ids = [faiss.rev_swig_ptr(invlists.get_ids(list_no), n).copy() for list_no, n in enumerate(sizes) if n]
+    stored = np.sort(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    if not np.array_equal(stored, np.flatnonzero(patch_map >= 0)):
+        raise IndexFormatError(f"{path}: the inverted lists' patch ids do not match the patch table's patches of "
+                               "images not removed (damaged ids)")
 
 
 def _checked_faiss_index(index: Any, what: str) -> Any:

@@ -1,0 +1,70 @@
+"""`patchify info` on healthy and damaged indexes (thumbnail test encoder: no real backbone)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ThumbnailBackbone
+from patchify import Patchify
+from patchify.cli import main
+
+
+@pytest.fixture(scope="module")
+def saved_index(tmp_path_factory, photos) -> Path:
+    images = []
+    for path in photos[:6]:
+        with Image.open(path) as img:
+            images.append(np.asarray(img.convert("RGB").reduce(4)))
+    engine = Patchify(backbone=ThumbnailBackbone(), level=1)
+    engine.add_images(images)
+    return engine.save(tmp_path_factory.mktemp("cli") / "index")
+
+
+@pytest.fixture
+def index_copy(saved_index, tmp_path) -> Path:
+    return Path(shutil.copytree(saved_index, tmp_path / "index"))
+
+
+def test_info_on_a_healthy_index(index_copy, capsys):
+    assert main(["info", str(index_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "6 images" in out and "30 patches" in out and "present with its size" in out
+    assert main(["info", str(index_copy), "--verify"]) == 0
+    assert "sha256 match" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_info_reports_a_truncated_file(index_copy, capsys, verify):
+    damaged = index_copy / "flat_vectors.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    assert main(["info", str(index_copy), *(["--verify"] if verify else [])]) != 0
+    captured = capsys.readouterr()
+    assert str(damaged) in captured.err and "damaged" in captured.err
+    assert "patches" not in captured.out  # no summary of a damaged index
+
+
+def test_info_reports_a_missing_file(index_copy, capsys):
+    (index_copy / "patches.npz").unlink()
+    assert main(["info", str(index_copy)]) != 0
+    assert f"{index_copy / 'patches.npz'}: missing" in capsys.readouterr().err
+
+
+def test_info_verify_finds_a_flipped_bit_that_sizes_miss(index_copy, capsys):
+    damaged = index_copy / "flat_vectors.npy"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    assert main(["info", str(index_copy)]) == 0  # same size: only checksums can tell
+    capsys.readouterr()
+    assert main(["info", str(index_copy), "--verify"]) != 0
+    err = capsys.readouterr().err
+    assert str(damaged) in err and "sha256" in err
+
+
+def test_info_on_a_folder_that_is_no_index(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) != 0
+    assert "not a Patchify index" in capsys.readouterr().err
