@@ -1,5 +1,5 @@
-"""Composite benchmark (tiny builds) and the INSTRE / ILIAS / revisited loaders on fixtures made in their
-on-disk layouts."""
+"""Composite benchmark (tiny builds) and the INSTRE / ILIAS / revisited / GroceryStore loaders on fixtures made in
+their on-disk layouts."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchify.datasets import (RetrievalDataset, build_composite_benchmark, load_composite, load_ilias,
-                               load_instre, load_revisited)
+from patchify.datasets import (RetrievalDataset, build_composite_benchmark, load_composite, load_grocery,
+                               load_ilias, load_instre, load_revisited)
 from patchify.datasets.composite import AREA_RANGE
 from patchify.datasets.sources import BACKGROUND_SOURCES, OBJECT_SOURCES
 
@@ -176,3 +176,116 @@ def test_engine_on_tiny_composite_end_to_end(tmp_path, thumbnail_backbone):
     gt = {str(ds.database[i]): b for i, b in ds.boxes[0].items()}
     out = report.save_report_html(tmp_path / "r.html", ds.queries[0], hits[0], groundtruth_boxes=gt, summary=s)
     assert "base64" in out.read_text()
+
+
+GROCERY_TINY = Path(__file__).resolve().parent / "data" / "grocery_tiny"
+
+
+def test_load_grocery_val():
+    ds = load_grocery(GROCERY_TINY)  # default split: val
+    assert ds.name == "grocery" and ds.info["splits"] == ["val"]
+    assert [p.relative_to(GROCERY_TINY).as_posix() for p in ds.database] == [
+        "val/Packages/Juice/Bravo-Apple-Juice/Bravo-Apple-Juice_001.jpg",
+        "val/Packages/Oat-Milk/Oatly-Oat-Milk/Oatly-Oat-Milk_001.jpg"]
+    # one query per product present in the split (Arla-Sour-Cream has no val photo; the fruit class none at all)
+    assert [q.name for q in ds.queries] == ["Bravo-Apple-Juice_Iconic.jpg", "Oatly-Oat-Milk_Iconic.jpg"]
+    assert all(q.is_file() for q in ds.queries)
+    assert ds.positives == [[0], [1]] and ds.junk == [[], []]
+    assert ds.info["query_classes"] == ["Bravo-Apple-Juice", "Oatly-Oat-Milk"] and ds.info["query_labels"] == [28, 45]
+    assert ds.boxes == [{}, {}] and ds.query_boxes == [None, None]
+    assert "no boxes" in ds.info["locscore"]
+
+
+def test_load_grocery_several_splits():
+    ds = load_grocery(GROCERY_TINY, splits=("train", "val"))
+    assert len(ds.database) == 6 + 2 and len(ds.queries) == 3
+    assert ds.database[0].parts[-5] == "train" and ds.database[6].parts[-5] == "val"
+    assert ds.positives == [[0, 1, 6], [2, 3, 7], [4, 5]]
+    assert ds.info["query_coarse"] == ["Juice", "Oat-Milk", "Sour-Cream"]
+    assert load_grocery(GROCERY_TINY, "train").positives == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="distinct"):
+        load_grocery(GROCERY_TINY, splits=("val", "val"))
+
+
+def test_grocery_metrics_without_boxes():
+    """mAP and R@k work; LocScore is nan (undefined without boxes), not 0, and the eval table says n/a."""
+    from patchify.evaluation import EvaluationRun, LevelResult
+
+    ds = load_grocery(GROCERY_TINY, splits=("train", "val"))
+    H = type("H", (), {})
+
+    def hit(i, score):
+        h = H()
+        h.path, h.score, h.box = str(ds.database[i]), score, (0, 0, 10, 10)
+        return h
+
+    # query 0 (positives 0, 1, 6): ranks them 1st, 3rd and 4th; query 1 finds its first positive at rank 2
+    order = [[0, 2, 1, 6, 3], [0, 2, 3, 7], [4, 5]]
+    hits = [[hit(i, 1.0 - 0.1 * r) for r, i in enumerate(o)] for o in order]
+    ev = ds.evaluate(hits, recall_ks=(1, 5))
+    s = ev.summary()
+    ap0 = (1 + 2 / 3 + 3 / 4) / 3
+    ap1 = (1 / 2 + 2 / 3 + 3 / 4) / 3
+    assert s["mAP"] == pytest.approx((ap0 + ap1 + 1.0) / 3)
+    assert s["R@1"] == pytest.approx(2 / 3) and s["R@5"] == 1.0
+    assert np.isnan(s["LocScore"]) and np.isnan(ev.loc_score).all()
+    run = EvaluationRun("grocery", "b", "w", [LevelResult(0, "flat", ev, 8, 0, 0.0, 0.0)])
+    table = run.table()
+    assert "n/a" in table and "nan" not in table and "no ground-truth boxes" in table
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("no_root", "no such folder"), ("no_split_folder", "val: no such folder"), ("no_listing", "val.txt: missing"),
+    ("no_classes", "no classes.csv"), ("missing_photo", "listed photos are missing"),
+    ("missing_iconic", "Oatly-Oat-Milk_Iconic.jpg: iconic photo"), ("bad_row", "val.txt, line 1"),
+    ("unknown_label", "fine label 99"),
+])
+def test_load_grocery_layout_errors(tmp_path, damage, match):
+    import shutil
+
+    from patchify.errors import PatchifyError
+
+    root = tmp_path / "grocery"
+    shutil.copytree(GROCERY_TINY, root)
+    if damage == "no_root":
+        root = tmp_path / "nowhere"
+    elif damage == "no_split_folder":
+        shutil.rmtree(root / "val")
+    elif damage == "no_listing":
+        (root / "val.txt").unlink()
+    elif damage == "no_classes":
+        (root / "classes.csv").unlink()
+    elif damage == "missing_photo":
+        next((root / "val").rglob("*.jpg")).unlink()
+    elif damage == "missing_iconic":
+        next((root / "iconic-images-and-descriptions").rglob("Oatly-Oat-Milk_Iconic.jpg")).unlink()
+    elif damage == "bad_row":
+        (root / "val.txt").write_text("just-a-path.jpg\n")
+    elif damage == "unknown_label":
+        (root / "val.txt").write_text("val/Packages/Juice/Bravo-Apple-Juice/Bravo-Apple-Juice_001.jpg, 99, 19\n")
+    with pytest.raises(FileNotFoundError, match=match) as info:
+        load_grocery(root)
+    assert isinstance(info.value, PatchifyError)
+
+
+def test_grocery_eval_outputs_without_boxes(tmp_path):
+    """`patchify eval`'s outputs (JSON, plots, HTML report) are written for a dataset without boxes."""
+    pytest.importorskip("matplotlib")
+    from patchify.evaluation import EvaluationRun, LevelResult, write_outputs
+
+    ds = load_grocery(GROCERY_TINY, splits=("train", "val"))
+    H = type("H", (), {})
+
+    def hit(i, r):
+        h = H()
+        h.path, h.score, h.box = str(ds.database[i]), 1.0 - 0.1 * r, (0, 0, 24, 24)
+        h.level, h.rank, h.image_id = 1, r, i
+        return h
+
+    hits = [[hit(i, r) for r, i in enumerate(range(len(ds.database)))] for _ in ds.queries]
+    ev = ds.evaluate(hits)
+    run = EvaluationRun("grocery", "b", "w", [LevelResult(lv, "flat", ev, 8, 0, 0.0, 0.0, hits) for lv in (0, 1)])
+    written = write_outputs(run, tmp_path, ds)
+    assert all(p.is_file() for p in written.values())
+    data = json.loads(written["json"].read_text())
+    assert np.isnan(data["results"][0]["summary"]["LocScore"]) and data["high_ap_low_locscore"] == {"flat_L1": []}

@@ -8,6 +8,7 @@ database (full rankings, so AP is exact), and is scored against the ground truth
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -56,10 +57,15 @@ class EvaluationRun:
         """Plain-text table: one row per (index, level)."""
         header = f"{'index':<8} {'level':>5} {'patches':>8} {'mAP':>7} {'LocScore':>9} {'R@1':>7} {'R@5':>7}"
         rows = [header, "-" * len(header)]
+        no_loc = False
         for r in self.results:
             s = r.summary
-            rows.append(f"{r.index:<8} {'L' + str(r.level):>5} {r.n_patches:>8} {s['mAP']:7.4f} {s['LocScore']:9.4f}"
+            no_loc |= math.isnan(s["LocScore"])
+            loc = "n/a" if math.isnan(s["LocScore"]) else f"{s['LocScore']:.4f}"
+            rows.append(f"{r.index:<8} {'L' + str(r.level):>5} {r.n_patches:>8} {s['mAP']:7.4f} {loc:>9}"
                         f" {s['R@1']:7.4f} {s['R@5']:7.4f}")
+        if no_loc:
+            rows.append("LocScore n/a: the dataset has no ground-truth boxes in its database images")
         return "\n".join(rows)
 
     def to_json(self) -> dict[str, Any]:
