@@ -69,3 +69,31 @@ def test_empty_folder_and_missing_folder_are_clear_errors(tmp_path, capsys):
     assert "no files to index" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_eval_on_the_grocery_layout(tmp_path, capsys):
+    """`patchify eval --format grocery` on the tiny GroceryStore-layout fixture: iconic photo -> store photos."""
+    root = Path(__file__).parent / "data" / "grocery_tiny"
+    out = tmp_path / "eval"
+    assert main(["eval", str(root), "--format", "grocery", "--split", "val", "--levels", "0,1", "--quiet",
+                 "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["level"] for r in results["results"]] == [0, 1]
+    assert all(0.0 <= r["summary"]["mAP"] <= 1.0 for r in results["results"])
+    assert "grocery" in capsys.readouterr().out.lower()
+
+
+def test_index_refuses_to_replace_an_index_without_overwrite(demo_index, tmp_path, capsys, photos):
+    index_dir, _ = demo_index
+    images = tmp_path / "two"
+    images.mkdir()
+    for name in ("apple.jpg", "orange.jpg"):
+        (images / name).write_bytes((photos[0].parent / name).read_bytes())
+    before = json.loads((index_dir / "manifest.json").read_text())["n_images"]
+    assert main(["index", str(images), "--out", str(index_dir), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((index_dir / "manifest.json").read_text())["n_images"] == before
+    copy = tmp_path / "copy"
+    assert main(["index", str(images), "--out", str(copy), "--quiet"]) == 0
+    assert main(["index", str(images), "--out", str(copy), "--append", "--quiet"]) == 0
+    assert json.loads((copy / "manifest.json").read_text())["n_images"] == 4

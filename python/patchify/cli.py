@@ -132,6 +132,8 @@ def _load_dataset(args: argparse.Namespace):
             return datasets.build_composite_benchmark(root, n_objects=n_objects, positives_per_object=positives,
                                                       n_distractors=distractors, seed=args.seed)
         return datasets.load_composite(root)
+    if args.format == "grocery":
+        return datasets.load_grocery(args.dataset, splits=args.split.split(","))
     if args.format == "instre":
         return datasets.load_instre(args.dataset)
     if args.format == "ilias":
@@ -210,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=formatter)
     evaluate.add_argument("dataset", help="benchmark folder")
     evaluate.add_argument("--format", default="composite",
-                          choices=["composite", "instre", "ilias", "roxford5k", "rparis6k"])
+                          choices=["composite", "grocery", "instre", "ilias", "roxford5k", "rparis6k"])
+    evaluate.add_argument("--split", default="val",
+                          help="grocery: comma-separated splits of the GroceryStore layout (train, val)")
     evaluate.add_argument("--protocol", default="medium", choices=["easy", "medium", "hard"],
                           help="revisited Oxford/Paris protocol")
     evaluate.add_argument("--build", default=None, metavar="OBJECTS,POSITIVES,DISTRACTORS",
