@@ -68,3 +68,43 @@ def test_info_verify_finds_a_flipped_bit_that_sizes_miss(index_copy, capsys):
 def test_info_on_a_folder_that_is_no_index(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) != 0
     assert "not a Patchify index" in capsys.readouterr().err
+
+
+def test_index_checks_the_output_folder_before_encoding(tmp_path, photos, capsys):
+    """Nothing is encoded (no backbone is even loaded) when --out cannot be written or already holds an index."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(photos[0], images / photos[0].name)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder should be")
+    assert main(["index", str(images), "--out", str(blocker / "index"), "--backbone", "no-such-net"]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "manifest.json").write_text("{}")
+    assert main(["index", str(images), "--out", str(existing)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (existing / "manifest.json").read_text() == "{}"
+
+
+def test_every_option_says_what_it_does_and_its_default(capsys):
+    for command in ("index", "search", "eval", "info"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for option in ("--nlist", "--m ", "--nbits", "--nprobe", "--overlap", "--batch-size", "-k ", "--threads"):
+            if option in text:
+                line = text[text.index(option):].split("\n  -")[0]
+                assert len(line.split()) > 2, f"{command} {option} has no help text: {line!r}"
+    with pytest.raises(SystemExit):
+        main(["index", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2)" in text and "(default 48)" in text and "(default 16)" in text
+
+
+def test_an_image_too_small_for_the_grid_is_named_not_numbered(tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (2, 2)).save(tiny)
+    engine = Patchify(backbone=ThumbnailBackbone(), level=3)
+    report = engine.add_images([tiny])
+    assert [s.source for s in report.skipped] == [str(tiny)]
+    assert "image 0" not in str(report) and "4x4 grid" in report.skipped[0].reason

@@ -26,6 +26,8 @@ def _check_output_folder(out: Path, overwrite: bool, append: bool) -> None:
     parent = out if out.is_dir() else out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{out}: cannot write there ({parent} is a file, not a folder)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"{out}: cannot write there ({parent} is not writable)")
 
