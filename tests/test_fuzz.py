@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import sys
 import random
 import shutil
 import tempfile
@@ -47,7 +48,10 @@ WORKERS = 2
 
 
 # ------------------------------------------------------------------------------------------------ the worker side
-def _init_worker() -> None:
+def _init_worker(package_root: str) -> None:
+    # A spawned worker rebuilds sys.path from scratch; put the tested patchify (installed, or the in-place build)
+    # first, so that it never picks up a source tree without the compiled _core.
+    sys.path.insert(0, package_root)
     os.environ["OMP_NUM_THREADS"] = "1"
     if "asan" not in os.environ.get("LD_PRELOAD", ""):
         # A corrupt size field must fail as an error, not by taking the machine's memory (ASan reserves terabytes
@@ -195,7 +199,11 @@ def _index_chunk(args: tuple[str, list[int]]) -> list[str]:
 def _run(fn: Callable[[Any], list[str]], chunks: list[Any]) -> list[str]:
     failures: list[str] = []
     # spawn, not fork: the test process may already run faiss/OpenMP threads, which a fork can deadlock.
-    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=_init_worker) as pool:
+    import patchify
+
+    package_root = str(Path(patchify.__file__).resolve().parents[1])
+    with multiprocessing.get_context("spawn").Pool(WORKERS, initializer=_init_worker,
+                                                   initargs=(package_root,)) as pool:
         pending = [pool.apply_async(fn, (chunk,)) for chunk in chunks]
         for number, result in enumerate(pending):
             try:
