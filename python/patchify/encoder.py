@@ -41,6 +41,17 @@ class EncodedBatch:
     images: list[NewImage]
     from_cache: int = 0
 
+    @classmethod
+    def merge(cls, batches: Sequence["EncodedBatch"]) -> "EncodedBatch":
+        """Batches as one (image positions renumbered)."""
+        if not batches:
+            return cls(np.zeros((0, 0), np.float32), PatchTable.empty(), [])
+        offsets = np.cumsum([0] + [len(b.images) for b in batches])
+        patches = PatchTable.concatenate(b.patches.with_image(b.patches.image + offsets[i])
+                                         for i, b in enumerate(batches))
+        return cls(np.concatenate([b.vectors for b in batches]), patches,
+                   [image for b in batches for image in b.images], sum(b.from_cache for b in batches))
+
 
 @dataclass
 class _Encoded:

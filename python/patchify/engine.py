@@ -158,10 +158,10 @@ class Patchify:
                 pending.append(batch)
                 if sum(len(b.vectors) for b in pending) < TRAINING_BUFFER:
                     continue
-                batch, pending = _merge(pending), []
+                batch, pending = EncodedBatch.merge(pending), []
             self._add_batch(batch, report)
         if pending:
-            self._add_batch(_merge(pending), report)
+            self._add_batch(EncodedBatch.merge(pending), report)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -334,10 +334,3 @@ def _source_list(sources: "ImageSource | Iterable[ImageSource]") -> list[ImageSo
         raise ValueError(f"add_images takes a folder, an image or a list of images, got {type(sources).__name__}")
     return list(sources)
 
-
-def _merge(batches: list[EncodedBatch]) -> EncodedBatch:
-    """Batches as one (image positions renumbered)."""
-    offsets = np.cumsum([0] + [len(b.images) for b in batches])
-    patches = PatchTable.concatenate(b.patches.with_image(b.patches.image + offsets[i]) for i, b in enumerate(batches))
-    return EncodedBatch(np.concatenate([b.vectors for b in batches]), patches,
-                        [image for b in batches for image in b.images], sum(b.from_cache for b in batches))

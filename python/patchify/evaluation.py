@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, IndexConfig, TilingConfig, grids_for_level
-from .encoder import Encoder
+from .encoder import EncodedBatch, Encoder
 from .engine import Patchify
-from .records import AddReport, PatchTable
+from .records import AddReport
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -119,11 +119,9 @@ def evaluate_levels(
 
     started = time.perf_counter()
     report = AddReport()
-    batches = list(encoder.encode_images([str(p) for p in dataset.database], report, progress=progress))
-    vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, 0), np.float32)
-    offsets = np.cumsum([0] + [len(b.images) for b in batches])
-    patches = PatchTable.concatenate(b.patches.with_image(b.patches.image + offsets[i]) for i, b in enumerate(batches))
-    images = [image for b in batches for image in b.images]
+    encoded = EncodedBatch.merge(list(encoder.encode_images([str(p) for p in dataset.database], report,
+                                                            progress=progress)))
+    vectors, patches, images = encoded.vectors, encoded.patches, encoded.images
     run.skipped = [f"{s.source}: {s.reason}" for s in report.skipped]
     queries = encoder.embed_queries([dataset.query_image(q) for q in range(dataset.n_queries)])
     run.encode_seconds = time.perf_counter() - started
