@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 @dataclass
 class EncodedBatch:
     """Encoded images: `vectors` (n, dim) float32, L2-normalised, one row per patch; `patches` says whose and where
-    each row is (`patches.image` = position in `images`)."""
+    each row is (`patches.image` = position in `images`). `from_cache`: how many of the images the embedding cache
+    served."""
 
     vectors: np.ndarray
     patches: PatchTable
@@ -49,18 +50,8 @@ class EncodedBatch:
         offsets = np.cumsum([0] + [len(b.images) for b in batches])
         patches = PatchTable.concatenate(b.patches.with_image(b.patches.image + offsets[i])
                                          for i, b in enumerate(batches))
-        return cls(np.concatenate([b.vectors for b in batches]), patches,
+        return cls(np.concatenate([b.vectors for b in batches]).astype(np.float32, copy=False), patches,
                    [image for b in batches for image in b.images], sum(b.from_cache for b in batches))
-
-
-@dataclass
-class _Encoded:
-    """One image's patches (internal: regrouped into an EncodedBatch per chunk)."""
-
-    image: NewImage
-    vectors: np.ndarray
-    patches: PatchTable
-    cached: bool
 
 
 class Encoder:
@@ -158,18 +149,18 @@ class Encoder:
                 report.timings["decode_cpu"] += decode_seconds
                 fresh = [item for item in loaded if isinstance(item, tuple)]
                 encoded = iter(self._encode_pixels(fresh, report))
-                batch: list[_Encoded] = []
+                batch: list[EncodedBatch] = []
                 for item in loaded:  # keep input order: cache hits and fresh encodings interleave
                     if isinstance(item, SkippedImage):
                         report.skipped.append(item)
-                    elif isinstance(item, _Encoded):
+                    elif isinstance(item, EncodedBatch):
                         batch.append(item)
                     else:
                         result = next(encoded)
                         if result is not None:
                             batch.append(result)
                 if batch:
-                    yield _batch_of(batch)
+                    yield EncodedBatch.merge(batch)
                 bar.update(len(loaded))
                 # Restarted after the consumer has used the chunk: the next wait is for decoding alone.
                 waited = time.perf_counter()
@@ -181,8 +172,8 @@ class Encoder:
         started = time.perf_counter()
         return [self._read(s) for s in sources], time.perf_counter() - started
 
-    def _read(self, source: ImageSource) -> "SkippedImage | _Encoded | tuple[str, np.ndarray, str | None]":
-        """Decoded pixels, a cache hit, or the reason the source is unusable."""
+    def _read(self, source: ImageSource) -> "SkippedImage | EncodedBatch | tuple[str, np.ndarray, str | None]":
+        """Decoded pixels, a cache hit (a one-image batch), or the reason the source is unusable."""
         name = describe_source(source)
         try:
             key = None
@@ -194,7 +185,7 @@ class Encoder:
                     vectors, width, height = hit
                     boxes, grid, cell = _core.patch_boxes(height, width, list(self.tiling.grids), self.tiling.overlap)
                     patches = PatchTable(np.zeros(len(vectors), np.int64), boxes, grid, cell)
-                    return _Encoded(NewImage(name, width, height), vectors, patches, cached=True)
+                    return EncodedBatch(vectors, patches, [NewImage(name, width, height)], from_cache=1)
             return name, load_rgb(source), key
         except ImageError as exc:
             return SkippedImage(name, exc.reason)
@@ -202,8 +193,8 @@ class Encoder:
             return SkippedImage(name, str(exc))
 
     def _encode_pixels(self, items: list[tuple[str, np.ndarray, str | None]],
-                       report: AddReport) -> list[_Encoded | None]:
-        """Encodings aligned with `items`; None (and a report entry) for an image that cannot be tiled."""
+                       report: AddReport) -> list[EncodedBatch | None]:
+        """One-image batches aligned with `items`; None (and a report entry) for an image that cannot be tiled."""
         if not items:
             return []
         backbone = self.backbone
@@ -224,14 +215,15 @@ class Encoder:
         vectors = backbone.encode(batch.pixels, batch_size=self.batch_size)
         report.timings["encode"] += time.perf_counter() - tiled
         cache = self.embedding_cache()
-        results: list[_Encoded | None] = []
+        results: list[EncodedBatch | None] = []
         for i, (name, pixels, key) in enumerate(items):
             rows = batch.image_index == i
             patches = PatchTable(np.zeros(int(rows.sum()), np.int64), batch.boxes[rows], batch.grid[rows],
                                  batch.cell[rows])
-            item = _Encoded(NewImage(name, pixels.shape[1], pixels.shape[0]), vectors[rows], patches, cached=False)
+            image = NewImage(name, pixels.shape[1], pixels.shape[0])
+            item = EncodedBatch(vectors[rows], patches, [image])
             if cache is not None and key is not None:
-                cache.put(key, self.tiling.grids, item.vectors, item.image.width, item.image.height)
+                cache.put(key, self.tiling.grids, item.vectors, image.width, image.height)
             results.append(item)
         return results
 
@@ -270,13 +262,6 @@ class Encoder:
             root = default_cache_root() / "embeddings" if setting is True else Path(setting)  # type: ignore[arg-type]
             self._cache = EmbeddingCache(root, self.backbone.identity, self.tiling.overlap)
         return self._cache
-
-
-def _batch_of(items: list[_Encoded]) -> EncodedBatch:
-    vectors = np.concatenate([e.vectors for e in items]).astype(np.float32, copy=False)
-    patches = PatchTable.concatenate(
-        e.patches.with_image(np.full(len(e.patches), i, np.int64)) for i, e in enumerate(items))
-    return EncodedBatch(vectors, patches, [e.image for e in items], sum(e.cached for e in items))
 
 
 def _cache_key(source: ImageSource) -> str | None:

@@ -49,6 +49,9 @@ class Patchify:
     override its fields. training_vectors: for training_source "given" / "gt-aligned".
     """
 
+    training_vectors: np.ndarray | None
+    progress: bool
+
     def __init__(self, backbone: "str | Backbone" = DEFAULT_BACKBONE, level: int | None = None,
                  index: "str | IndexConfig" = "flat", *, grids: Sequence[int] | None = None, overlap: float = 0.0,
                  tiling: TilingConfig | None = None, training_vectors: np.ndarray | None = None,
@@ -65,17 +68,24 @@ class Patchify:
         if tiling is None:
             tiling = (TilingConfig(grids=tuple(grids), overlap=overlap) if grids is not None
                       else TilingConfig.for_level(DEFAULT_LEVEL if level is None else level, overlap=overlap))
-        self._index_config = index_config(index, **index_settings)
+        self._compose(Encoder(backbone, tiling, batch_size=batch_size, num_threads=num_threads,
+                              embedding_cache=embedding_cache), index_config(index, **index_settings))
         # For training_source "given" / "gt-aligned": e.g. embeddings of crops at ground-truth boxes.
         self.training_vectors = None if training_vectors is None else np.asarray(training_vectors, np.float32)
         self.progress = progress
-        self._encoder = Encoder(backbone, tiling, batch_size=batch_size, num_threads=num_threads,
-                                embedding_cache=embedding_cache)
-        self._num_threads = num_threads
-        self._index: PatchIndex | None = None
-        self._images: list[ImageRecord] = []
-        self._patches = PatchTable.empty()
-        self._saved_backbone: store.BackboneRecord | None = None  # set by load: says which backbone built it
+
+    def _compose(self, encoder: Encoder, config: IndexConfig, index: "PatchIndex | None" = None,
+                 images: list[ImageRecord] | None = None, patches: PatchTable | None = None,
+                 saved_backbone: store.BackboneRecord | None = None) -> None:
+        """The engine's state, in one place for both construction and `load`."""
+        self._encoder = encoder
+        self._index_config = config
+        self._index = index
+        self._images = images if images is not None else []
+        self._patches = patches if patches is not None else PatchTable.empty()
+        self._saved_backbone = saved_backbone  # set by load: says which backbone built it
+        self.training_vectors = None
+        self.progress = False
 
     # ------------------------------------------------------------------ what it holds
     @property
@@ -109,9 +119,9 @@ class Patchify:
         return self._index.config if self._index is not None else self._index_config
 
     @property
-    def images(self) -> list[ImageRecord]:
-        """Image records by id (removed ones included, flagged)."""
-        return list(self._images)
+    def images(self) -> Sequence[ImageRecord]:
+        """Image records by id (removed ones included, flagged). Read-only: change them through add/remove."""
+        return self._images
 
     @property
     def patches(self) -> PatchTable:
@@ -208,7 +218,7 @@ class Patchify:
 
     def _ensure_index(self, dim: int) -> "PatchIndex":
         if self._index is None:
-            self._index = self._index_config.create(dim, self._num_threads)
+            self._index = self._index_config.create(dim, self._encoder.num_threads)
         elif self._index.dim != dim:
             raise ValueError(f"vectors have dimension {dim}, the index holds {self._index.dim}")
         return self._index
@@ -307,18 +317,11 @@ class Patchify:
         """Loads an index saved by `save` (any supported format version). The backbone is loaded lazily and must
         match the one that built it (BackboneMismatchError). verify=True checks every file's sha256."""
         saved = store.load(directory, num_threads=num_threads, verify=verify)
-        engine = cls.__new__(cls)
-        engine._index_config = saved.index.config
-        engine.training_vectors = None
-        engine.progress = False
-        engine._encoder = Encoder(saved.backbone.name if backbone is None else backbone, saved.tiling,
-                                  num_threads=num_threads, embedding_cache=embedding_cache,
-                                  expected_identity=saved.backbone.identity, check_name=backbone is not None)
-        engine._num_threads = num_threads
-        engine._index = saved.index
-        engine._images = saved.images
-        engine._patches = saved.patches
-        engine._saved_backbone = saved.backbone
+        engine = cls.__new__(cls)  # __init__ would build a fresh encoder and check the saved backbone's name
+        encoder = Encoder(saved.backbone.name if backbone is None else backbone, saved.tiling,
+                          num_threads=num_threads, embedding_cache=embedding_cache,
+                          expected_identity=saved.backbone.identity, check_name=backbone is not None)
+        engine._compose(encoder, saved.index.config, saved.index, saved.images, saved.patches, saved.backbone)
         return engine
 
 

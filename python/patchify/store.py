@@ -18,7 +18,6 @@ renames, so a crash never leaves a half-written index where a good one was.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from .backbones.cache import sha256_of
 from .config import FlatConfig, IndexConfig, TilingConfig, index_config_from_dict
 from .errors import IndexFormatError
 from .records import ImageRecord, PatchTable
@@ -96,14 +96,6 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)  # hashlib releases the GIL on large blocks
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- saving
