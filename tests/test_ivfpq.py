@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from patchify import _core
@@ -53,7 +54,8 @@ def trained_faiss(data):
 def fresh(trained, coarse: str = "native") -> IVFPQIndex:
     import faiss
 
-    return IVFPQIndex.from_faiss(faiss.clone_index(trained), nprobe=4, num_threads=2, coarse=coarse)
+    # One stage: these tests hold the fused scanner to faiss's own distances (the re-rank has its own tests).
+    return IVFPQIndex.from_faiss(faiss.clone_index(trained), nprobe=4, num_threads=2, coarse=coarse, rerank=None)
 
 
 def queries(n: int = 6, seed: int = 5) -> np.ndarray:
@@ -227,7 +229,7 @@ def test_training_size_checks_and_auto_nlist(data):
     with pytest.raises(ValueError, match=r"at least 39000 vectors"):
         IVFPQIndex(DIM, nlist=1000, m=M).train(x)
     assert auto_nlist(10_000) == 256 and auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2
-    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=4)  # 16 PQ centroids: 39 * 16 = 624 vectors suffice
+    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=4, rerank=None)  # 16 PQ centroids: 39 * 16 = 624 suffice
     index.train(x[:3003])
     assert index.nlist == auto_nlist(3003) == 77  # capped: 3003 // 39
     index.add(x[:3003], np.arange(3003), np.arange(3003) // 7)
@@ -326,10 +328,21 @@ def test_huge_k_is_bounded_by_the_images(trained_faiss):
     assert [a.shape for a in scanner.search_native(q, 2, 2**62)] == [(3, 12)] * 3
 
 
-def test_engine_reports_too_few_training_vectors(photos, thumbnail_backbone):
+def test_engine_searches_exactly_until_it_can_train(photos, thumbnail_backbone, tmp_path):
     pytest.importorskip("patchify.tiling")  # the engine needs the tiler work
     from patchify.engine import Patchify
 
-    engine = Patchify(backbone=thumbnail_backbone, level=2, index="ivfpq", m=8)
-    with pytest.raises(ValueError, match="IVFPQ training needs at least"):
-        engine.add_images(photos[:2])
+    engine = Patchify(backbone=thumbnail_backbone, level=2, index="ivfpq", m=8, nbits=4, nlist=4)
+    report = engine.add_images(photos[:10])  # 140 patches: far fewer than the 624 the codebooks need
+    assert engine.exact_until_trained == 624 and engine.index.kind == "flat"
+    assert engine.index_config.kind == "ivfpq" and any("exactly" in note for note in report.notes)
+    assert engine.search(photos[3], k=1)[0].image_id == 3
+    engine.save(tmp_path / "staged")
+    loaded = Patchify.load(tmp_path / "staged", backbone=thumbnail_backbone)
+    assert loaded.exact_until_trained == 624 and loaded.index_config == engine.index_config
+    # Enough patches: trained on everything held so far plus the new ones, then searched by IVFPQ + re-rank.
+    more = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:, ::-1]) for p in photos] * 2
+    report = loaded.add_images(more)
+    assert loaded.exact_until_trained is None and loaded.index.kind == "ivfpq" and loaded.index.ntotal == 700
+    assert any("trained" in note for note in report.notes)
+    assert loaded.search(photos[3], k=1)[0].image_id == 3

@@ -88,12 +88,23 @@ class Encoder:
                 keep = entry["grid"] <= max_level + 1
                 return {k: (v[keep] if k != "size" else v) for k, v in entry.items()}
         started = time.perf_counter()
-        grids = tuple(range(1, max_level + 2))
+        # A coarser entry already cached (levels nest): encode only the finer grids and append them.
+        have: dict[str, np.ndarray] | None = None
+        for lower in range(max_level - 1, -1, -1):
+            lower_path = self._path(f"patches_L{lower}", key)
+            if lower_path.is_file():
+                with np.load(lower_path) as z:
+                    have = {k: z[k] for k in z.files}
+                break
+        first_grid = int(have["grid"].max()) + 1 if have is not None else 1
+        grids = tuple(range(first_grid, max_level + 2))
         batch = tile_images([pixels], grids, self.backbone.preprocess, num_threads=self.threads)
         vectors = self.backbone.encode(batch.pixels, batch_size=len(batch))
         out = {"vectors": vectors.astype(np.float32), "grid": batch.grid.astype(np.int32),
                "cell": batch.cell.astype(np.int32), "boxes": batch.boxes.astype(np.int32),
                "size": np.array(pixels.shape[1::-1], dtype=np.int32)}
+        if have is not None:
+            out = {k: (np.concatenate([have[k], v]) if k != "size" else v) for k, v in out.items()}
         self._save(path, **out)
         self.seconds += time.perf_counter() - started
         self.encoded_patches += len(vectors)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from .errors import PatchifyError
 
 from . import store
-from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_LEVEL, FlatConfig, IVFPQConfig
+from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL, FlatConfig, IVFPQConfig
 from .engine import Patchify
 
 
@@ -49,7 +49,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     else:
         engine = Patchify(backbone=args.backbone, level=args.level, index=args.index, overlap=args.overlap,
                           batch_size=args.batch_size, num_threads=args.threads, embedding_cache=args.cache or None,
-                          **_index_settings(args))
+                          whitening=args.whitening, global_weight=args.global_weight, **_index_settings(args))
     started = time.perf_counter()
     report = engine.add_images(files, progress=not args.quiet)
     for skipped in report.skipped:
@@ -64,7 +64,23 @@ def cmd_index(args: argparse.Namespace) -> int:
           f"in {seconds:.1f} s; skipped {len(report.skipped)}; the index holds {engine.n_images} images")
     print(f"backbone: {backbone.name} [{backbone.weights}] on {backbone.provider}")
     print(f"index: {out} ({engine.index_config.kind}, {store.folder_bytes(out):,} bytes on disk)")
+    print(f"whitening: {_whitening_summary(engine.whitening, engine.whitening_config, engine.n_patches)}; "
+          f"global weight {engine.effective_global_weight:g}")
     return 0
+
+
+def _whitening_summary(whitening: Any, config: Any, n_patches: int) -> str:
+    if config is None:
+        return "none (raw cosines)"
+    if whitening is None:
+        return (f"pending (learns once the index holds {config.min_vectors} patches; it holds {n_patches}, "
+                "searched as raw cosines until then)")
+    stale = ""
+    if whitening.learned_on_vectors < n_patches // 2:
+        stale = "; the index has grown since: Patchify.relearn_whitening() learns on everything"
+    return (f"learned on {whitening.learned_on_vectors:,} patches of {whitening.learned_on_images:,} images "
+            f"(power {config.power}, shrinkage {config.shrinkage}, {whitening.input_dim}->{whitening.output_dim} "
+            f"dims){stale}")
 
 
 def _index_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,6 +126,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"index {args.index_dir}: format v{manifest['format_version']}, {manifest['n_images']} images, "
           f"{manifest['n_patches']} patches, grids {settings['tiling']['grids']}")
     print(f"index kind: {index['kind']} (dim {index['dim']}; {options})")
+    whitening = manifest.get("whitening")
+    if manifest["format_version"] < 3 or whitening is None:
+        print("whitening: none (raw cosines)")
+    elif not whitening.get("learned"):
+        print(f"whitening: pending ({whitening['config']})")
+    else:
+        config = whitening["config"]
+        print(f"whitening: learned on {whitening['learned_on_vectors']:,} patches of "
+              f"{whitening['learned_on_images']:,} images (power {config['power']}, shrinkage {config['shrinkage']}, "
+              f"{whitening['input_dim']}->{whitening['output_dim']} dims)")
+    weight = manifest.get("scoring", {}).get("global_weight", 0.0)
+    if weight is None:  # the default rule
+        weight = DEFAULT_GLOBAL_WEIGHT if whitening is not None and whitening.get("learned") else 0.0
+    print("scoring: plain max over patches" if weight == 0 else
+          f"scoring: {weight:g} x whole-image score + {1 - weight:g} x best patch score")
     print(f"backbone: {backbone['name']} [{backbone.get('weights')}]")
     print(f"{store.folder_bytes(Path(args.index_dir)):,} bytes on disk")
     if args.verify:
@@ -150,7 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     levels = [int(v) for v in args.levels.split(",")]
     indexes = [v for v in args.index.split(",") if v]
     run = evaluate_levels(dataset, backbone=args.backbone, levels=levels, indexes=indexes,
-                          index_settings=_index_settings(args),
+                          index_settings=_index_settings(args), whitening=args.whitening,
+                          global_weight=args.global_weight,
                           embedding_cache=args.cache or True, num_threads=args.threads, progress=not args.quiet)
     print(f"\n{dataset.name}: {len(dataset.database)} database images, {dataset.n_queries} queries; "
           f"backbone {run.backbone} [{run.weights}]")
@@ -175,6 +207,11 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--training-source", dest="training_source", default=None,
                        choices=["all", "salient"],
                        help=f"IVFPQ training vectors (default {IVFPQConfig.training_source})")
+    group.add_argument("--whitening", choices=["learned", "none"], default="learned",
+                       help="PCA whitening learned on the indexed patches (default), or raw cosines")
+    group.add_argument("--global-weight", dest="global_weight", type=float, default=None,
+                       help=f"image score = w x whole-image score + (1 - w) x best patch score; 0 = plain max "
+                            f"(default: {DEFAULT_GLOBAL_WEIGHT} with whitening, 0 without)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """Settings, typed: the only place where Patchify's defaults are written.
 
 - `TilingConfig`: how database images are cut into patches (grid sizes, overlap, input size).
+- `WhiteningConfig`: the learned PCA whitening applied to every vector before indexing and to every query.
 - One config per index kind: `FlatConfig` (storage dtype) and `IVFPQConfig` (nlist, m, nbits, nprobe, training
   source). Each builds its index (`create`) and round-trips through a plain dict (`to_dict` / `index_config_from_dict`)
   so that the store can write every setting into one manifest.
@@ -13,6 +14,7 @@ The engine, the CLI and the benchmarks read their defaults from these classes (e
 """
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from dataclasses import asdict, dataclass, fields
@@ -29,8 +31,15 @@ DEFAULT_BACKBONE = "dinov2_vits14"
 DEFAULT_LEVEL = 2  # L2: grids 1x1, 2x2, 3x3 (14 patches per image): the paper's best accuracy per byte
 DEFAULT_BATCH_SIZE = 32  # patches per backbone call (and per indexing step)
 TRAINING_SOURCES = ("all", "given", "gt-aligned", "salient")  # see patchify.training
+RERANK_CODECS = (None, "float16", "int8")  # see patchify.index.rerank
+# The second stage of an IVFPQ search re-scores this many times k images (at least RERANK_MIN_SHORTLIST).
+RERANK_SHORTLIST_FACTOR = 10
+RERANK_MIN_SHORTLIST = 100
 # faiss's k-means warns below 39 training points per centroid (and the clustering degrades): we make it an error.
 MIN_POINTS_PER_CENTROID = 39
+# Most vectors any training step (IVFPQ codebooks, whitening) learns from: a uniform sample beyond that. faiss's
+# k-means itself never uses more than 256 points per centroid.
+MAX_TRAINING_VECTORS = 262_144
 
 
 def grids_for_level(level: int) -> tuple[int, ...]:
@@ -128,7 +137,12 @@ class IVFPQConfig:
     nlist: coarse lists (None: ~4 sqrt(training vectors), chosen at training time); m: PQ sub-quantisers (must
     divide the dimension); nbits: bits per sub-quantiser code; nprobe: lists visited per query (a search-time
     setting: change it on the index at any time); training_source: which vectors train the codebooks
-    (see patchify.training)."""
+    (see patchify.training).
+
+    Two-stage search (patchify.index.rerank): rerank = "float16" or "int8" keeps a finer copy of every patch vector
+    and re-scores every patch of the first stage's best `rerank_shortlist` images exactly (None: the default
+    shortlist, RERANK_SHORTLIST_FACTOR x k, at least RERANK_MIN_SHORTLIST); None = one stage (PQ scores only).
+    rerank_storage: "ram", or "mmap" (read from the saved index folder on demand once loaded)."""
 
     kind: ClassVar[str] = "ivfpq"
     nlist: int | None = None
@@ -136,6 +150,9 @@ class IVFPQConfig:
     nbits: int = 8
     nprobe: int = 16
     training_source: str = "all"
+    rerank: str | None = "int8"
+    rerank_shortlist: int | None = None
+    rerank_storage: str = "ram"
 
     def __post_init__(self) -> None:
         for name in ("m", "nbits", "nprobe"):
@@ -149,6 +166,13 @@ class IVFPQConfig:
             raise ValueError(f"nbits must be in [1, 16], got {self.nbits}")
         if self.training_source not in TRAINING_SOURCES:
             raise ValueError(f"training_source must be one of {TRAINING_SOURCES}, got {self.training_source!r}")
+        if self.rerank not in RERANK_CODECS:
+            raise ValueError(f"rerank must be one of {RERANK_CODECS}, got {self.rerank!r}")
+        if self.rerank_shortlist is not None and (isinstance(self.rerank_shortlist, bool) or not isinstance(
+                self.rerank_shortlist, numbers.Integral) or self.rerank_shortlist < 1):
+            raise ValueError(f"rerank_shortlist must be a positive integer or None, got {self.rerank_shortlist!r}")
+        if self.rerank_storage not in ("ram", "mmap"):
+            raise ValueError(f"rerank_storage must be 'ram' or 'mmap', got {self.rerank_storage!r}")
 
     @classmethod
     def from_factory(cls, spec: str, **kwargs: Any) -> "IVFPQConfig":
@@ -166,10 +190,77 @@ class IVFPQConfig:
         from .index.ivfpq import IVFPQIndex
 
         return IVFPQIndex(dim, nlist=self.nlist, m=self.m, nbits=self.nbits, nprobe=self.nprobe,
-                          num_threads=num_threads, training_source=self.training_source)
+                          num_threads=num_threads, training_source=self.training_source, rerank=self.rerank,
+                          rerank_shortlist=self.rerank_shortlist, rerank_storage=self.rerank_storage)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class WhiteningConfig:
+    """PCA whitening learned without labels on the database's own patch vectors (patchify.whitening).
+
+    Each vector x becomes normalise(P^T (x - mean)): P rotates onto the principal axes of the learning vectors and
+    scales axis k by (lambda_k + shrinkage * mean(lambda))^power. power -0.5 is full whitening; the shrinkage keeps
+    the smallest-variance axes (noise when learned on a few thousand patches) from being blown up. dims keeps the
+    first dims axes (None: all; fewer = less memory and faster search). At most max_vectors patches (a uniform
+    sample) are learned from. A flat index learns once it holds min_vectors patches (until then it holds and
+    searches raw vectors), so that a service adding one image at a time does not whiten by its first image; an IVFPQ
+    index learns when it trains. Defaults chosen on real photos: benchmarks/RESULTS.md, "Retrieval quality"."""
+
+    power: float = -0.5
+    shrinkage: float = 1.0
+    dims: int | None = None
+    max_vectors: int = MAX_TRAINING_VECTORS
+    min_vectors: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("power", "shrinkage"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"whitening {name} must be a finite number, got {value!r}")
+        if not -1.0 <= self.power <= 0.0:
+            raise ValueError(f"whitening power must be in [-1, 0], got {self.power}")
+        if self.shrinkage < 0:
+            raise ValueError(f"whitening shrinkage must be >= 0, got {self.shrinkage}")
+        for name in ("dims", "max_vectors", "min_vectors"):
+            value = getattr(self, name)
+            if value is None and name == "dims":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
+                raise ValueError(f"whitening {name} must be an integer >= 2{' or None' if name == 'dims' else ''}, "
+                                 f"got {value!r}")
+        object.__setattr__(self, "power", float(self.power))
+        object.__setattr__(self, "shrinkage", float(self.shrinkage))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WhiteningConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown whitening settings: {unknown}")
+        return cls(**data)
+
+
+# The engine's default: whiten (learned at the first add). "none" gives the paper's raw cosines.
+DEFAULT_WHITENING = WhiteningConfig()
+# Image score = w * global (whole-image patch) score + (1 - w) * best patch score; 0 = the paper's plain max.
+# The default (global_weight=None) is this weight on whitened vectors and 0 on raw cosines, where fusion ruins small
+# objects: see RESULTS.md, "Retrieval quality".
+DEFAULT_GLOBAL_WEIGHT = 0.25
+
+
+def check_global_weight(value: float | None) -> float | None:
+    """None (the default rule above) or a weight in [0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"global_weight must be a number in [0, 1] or None (default rule), got {value!r}")
+    return float(value)
 
 
 IndexConfig = Union[FlatConfig, IVFPQConfig]

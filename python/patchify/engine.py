@@ -11,19 +11,22 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from . import _core, store
-from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_LEVEL, IndexConfig, IVFPQConfig, TilingConfig,
-                     index_config)
+from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL, DEFAULT_WHITENING,
+                     MAX_TRAINING_VECTORS, FlatConfig, IndexConfig, IVFPQConfig, TilingConfig, WhiteningConfig,
+                     check_global_weight, index_config)
 from .encoder import EncodedBatch, Encoder
+from .fusion import GlobalDescriptors, fused_search
 from .images import ImageSource, list_image_files
 from .index.base import check_k
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
-from .training import DEFAULT_MAX_VECTORS, select_training_vectors
+from .training import select_training_vectors
+from .whitening import Whitening
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -31,8 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AddReport", "Hit", "Patchify", "SkippedImage"]
 
-# An untrained IVFPQ index buffers this many patch vectors, trains on them, then streams the rest.
-TRAINING_BUFFER = DEFAULT_MAX_VECTORS
+# An index that still has to learn (its whitening, IVFPQ codebooks) buffers this many patch vectors of the first
+# add, learns from them, then streams the rest.
+TRAINING_BUFFER = MAX_TRAINING_VECTORS
+WhiteningSetting = Union[str, bool, WhiteningConfig, Whitening, None]
 
 
 class Patchify:
@@ -47,6 +52,12 @@ class Patchify:
     `tiling=TilingConfig(...)` gives every tiling setting at once. index: "flat", "ivfpq", a faiss factory string
     ("IVF1024,PQ48x8") or an index config; `index_settings` (dtype; nlist, m, nbits, nprobe, training_source)
     override its fields. training_vectors: for training_source "given" / "gt-aligned".
+
+    whitening: "learned" (default: PCA whitening learned on the patches of the first add, see patchify.whitening),
+    a WhiteningConfig (learned with those settings), a Whitening learned elsewhere (used as is), or "none" (the
+    paper's raw cosines). global_weight: image score = w * whole-image score + (1 - w) * best patch score
+    (0 = the plain max; None = DEFAULT_GLOBAL_WEIGHT once the index is whitened, 0 while it holds raw cosines); a
+    search setting, changeable at any time. Defaults: patchify.config.
     """
 
     training_vectors: np.ndarray | None
@@ -57,6 +68,7 @@ class Patchify:
                  tiling: TilingConfig | None = None, training_vectors: np.ndarray | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, num_threads: int = 0,
                  embedding_cache: bool | str | os.PathLike | None = None, progress: bool = False,
+                 whitening: WhiteningSetting = "learned", global_weight: float | None = None,
                  **index_settings: Any) -> None:
         if "levels" in index_settings:
             raise ValueError("Patchify takes level=L (the finest grid level: grids 1..L+1) or grids=[...]; "
@@ -70,17 +82,28 @@ class Patchify:
                       else TilingConfig.for_level(DEFAULT_LEVEL if level is None else level, overlap=overlap))
         self._compose(Encoder(backbone, tiling, batch_size=batch_size, num_threads=num_threads,
                               embedding_cache=embedding_cache), index_config(index, **index_settings))
+        self._whitening_config, self._whitening = _whitening_setting(whitening)
+        self.global_weight = global_weight
         # For training_source "given" / "gt-aligned": e.g. embeddings of crops at ground-truth boxes.
         self.training_vectors = None if training_vectors is None else np.asarray(training_vectors, np.float32)
         self.progress = progress
 
     def _compose(self, encoder: Encoder, config: IndexConfig, index: "PatchIndex | None" = None,
                  images: list[ImageRecord] | None = None, patches: PatchTable | None = None,
-                 saved_backbone: store.BackboneRecord | None = None) -> None:
+                 saved_backbone: store.BackboneRecord | None = None,
+                 whitening_config: WhiteningConfig | None = None, whitening: Whitening | None = None,
+                 global_descriptors: GlobalDescriptors | None = None,
+                 global_weight: float | None = None) -> None:
         """The engine's state, in one place for both construction and `load`."""
         self._encoder = encoder
         self._index_config = config
         self._index = index
+        # What to learn (None: no whitening) and what was learned (None: not yet, or none wanted).
+        self._whitening_config = whitening_config
+        self._whitening = whitening
+        # Whole-image vector per image, for fusion; None for indexes saved before it existed (format <= 2).
+        self._global = global_descriptors
+        self._global_weight = check_global_weight(global_weight)
         self._images = images if images is not None else []
         self._patches = patches if patches is not None else PatchTable.empty()
         self._saved_backbone = saved_backbone  # set by load: says which backbone built it
@@ -115,8 +138,46 @@ class Patchify:
 
     @property
     def index_config(self) -> IndexConfig:
-        """The index settings as they are now (read from the index once it exists: a changed nprobe shows)."""
-        return self._index.config if self._index is not None else self._index_config
+        """The index settings as they are now (read from the index once it exists: a changed nprobe shows). An IVFPQ
+        engine still searching exactly (`exact_until_trained`) shows its IVFPQ settings."""
+        if self._index is None or self.exact_until_trained is not None:
+            return self._index_config
+        return self._index.config
+
+    @property
+    def whitening(self) -> Whitening | None:
+        """The learned whitening (None: raw vectors, or not learned yet: see `whitening_config`)."""
+        return self._whitening
+
+    @property
+    def whitening_config(self) -> WhiteningConfig | None:
+        """The whitening settings (None: the index holds raw backbone vectors)."""
+        return self._whitening_config
+
+    @property
+    def global_weight(self) -> float | None:
+        """The fusion setting as given (None: the default rule); `effective_global_weight` is what searches use."""
+        return self._global_weight
+
+    @global_weight.setter
+    def global_weight(self, value: float | None) -> None:
+        value = check_global_weight(value)
+        if value is not None and value > 0 and self._index is not None and self._global is None:
+            raise ValueError("global_weight > 0 needs the images' whole-image vectors, which this index (saved by an "
+                             "older patchify, format <= 2) does not have: rebuild it, or keep global_weight=0")
+        if value is not None and value > 0 and 1 not in self.grids:
+            raise ValueError(f"global_weight > 0 needs the whole image (grid 1) among the grids {list(self.grids)}")
+        self._global_weight = value
+
+    @property
+    def effective_global_weight(self) -> float:
+        """The weight searches use now: the setting, or under the default rule DEFAULT_GLOBAL_WEIGHT when the index
+        holds whitened vectors with every image's whole-image vector, else 0 (plain max)."""
+        if self._global is None or 1 not in self.grids:
+            return 0.0
+        if self._global_weight is not None:
+            return self._global_weight
+        return DEFAULT_GLOBAL_WEIGHT if self._whitening is not None else 0.0
 
     @property
     def images(self) -> Sequence[ImageRecord]:
@@ -140,31 +201,32 @@ class Patchify:
         return self.n_images
 
     def __repr__(self) -> str:
+        whitening = self._whitening or self._whitening_config or "none"
         return (f"Patchify(backbone={self._encoder.backbone_name!r}, levels={list(self.levels)}, "
-                f"index={self.index_config!r}, images={self.n_images}, patches={self.n_patches})")
+                f"index={self.index_config!r}, whitening={whitening!r}, global_weight={self._global_weight}, "
+                f"images={self.n_images}, patches={self.n_patches})")
 
     # ------------------------------------------------------------------ adding
     def add_images(self, sources: "ImageSource | Iterable[ImageSource]", *,
                    progress: bool | None = None) -> AddReport:
         """Decodes, tiles, encodes and indexes `sources`: a folder (its image files, recursively), one image
         (path, PIL image, HxWx3 array) or a list of them. Work streams chunk by chunk: memory is bounded by a chunk
-        (an untrained IVFPQ index first buffers up to TRAINING_BUFFER patches to train on).
+        (the first add of an index that learns - whitening, IVFPQ - buffers up to TRAINING_BUFFER patches to learn
+        on).
 
         Bad inputs (missing, corrupt, truncated, non-image, too large) are skipped and listed in the report with
         their reason; every other image is indexed.
         """
         started = time.perf_counter()
         items = _source_list(sources)
-        self._check_can_train(len(items))
+        self._check_training_source()
         report = AddReport()
-        pending: list[EncodedBatch] = []  # only while an IVFPQ index waits for enough vectors to train on
+        learned_before, staged_before = self._whitening, self.exact_until_trained
+        pending: list[EncodedBatch] = []  # only while the index waits for enough vectors to learn from
         show = self.progress if progress is None else progress
         for batch in self._encoder.encode_images(items, report, progress=show):
             report.from_cache += batch.from_cache
-            if self._index is None or not self._index.is_trained:
-                if not isinstance(self._index_config, IVFPQConfig):
-                    self._add_batch(batch, report)
-                    continue
+            if self._needs_learning():
                 pending.append(batch)
                 if sum(len(b.vectors) for b in pending) < TRAINING_BUFFER:
                     continue
@@ -172,8 +234,27 @@ class Patchify:
             self._add_batch(batch, report)
         if pending:
             self._add_batch(EncodedBatch.merge(pending), report)
+        if learned_before is None and self._whitening is not None:
+            w = self._whitening
+            report.notes.append(f"whitening learned on {w.learned_on_vectors:,} patches of "
+                                f"{w.learned_on_images:,} images in {w.seconds:.2f} s")
+        need = self.exact_until_trained
+        if need is not None:
+            report.notes.append(f"IVFPQ needs {need:,} patches to train its codebooks and the index holds "
+                                f"{self.n_patches:,}: searched exactly (flat) until then")
+        elif staged_before is not None and self._index is not None:
+            report.notes.append(f"IVFPQ trained on the {self.n_patches:,} patches held so far "
+                                f"({self.index_config!r}); compressed search from now on")
         report.seconds = time.perf_counter() - started
         return report
+
+    def _needs_learning(self) -> bool:
+        """True until the whitening (if any) is learned and an IVFPQ index is trained."""
+        if self._whitening_config is not None and self._whitening is None:
+            return True
+        if self._index is None:
+            return isinstance(self._index_config, IVFPQConfig)
+        return not self._index.is_trained
 
     def _add_batch(self, batch: EncodedBatch, report: AddReport) -> None:
         started = time.perf_counter()
@@ -202,41 +283,139 @@ class Patchify:
             raise ValueError(f"patches of grids {unknown}: this engine's grids are {list(self.grids)}")
         if not images:
             return []
+        self._check_input_dim(vectors.shape[1])
         first_image, first_patch = len(self._images), len(self._patches)
         image_ids = patches.image + first_image
         patch_ids = np.arange(first_patch, first_patch + len(patches), dtype=np.int64)
-        index = self._ensure_index(vectors.shape[1])
-        if not index.is_trained:
-            source = self._index_config.training_source if isinstance(self._index_config, IVFPQConfig) else "all"
-            index.train(select_training_vectors(source, vectors, image_ids, patch_grids=patches.grid,
-                                                given=self.training_vectors))
+        whitening, config = self._whitening, self._whitening_config
+        held = self._index.ntotal if self._index is not None else 0
+        trains_now = self._trains_ivfpq_now(held + len(vectors))
+        if whitening is None and config is not None and held == 0 and (len(vectors) >= config.min_vectors
+                                                                        or trains_now):
+            whitening = Whitening.learn(vectors, config, n_images=len(images))
+        if whitening is not None:
+            vectors = whitening.apply(vectors)
+        index = self._index
+        if trains_now:
+            # An IVFPQ index trains on everything it has: the vectors held exactly so far, and these.
+            assert isinstance(self._index_config, IVFPQConfig)
+            index = self._index_config.create(vectors.shape[1], self._encoder.num_threads)
+            staged = self._staged_vectors()
+            old_vectors, old_ids = staged if staged is not None else (np.zeros((0, vectors.shape[1]), np.float32),
+                                                                      np.zeros(0, np.int64))
+            old_ids_images = self._patches.image[old_ids]
+            everything = np.concatenate([old_vectors.astype(np.float32), vectors])
+            all_images = np.concatenate([old_ids_images, image_ids])
+            all_grids = np.concatenate([self._patches.grid[old_ids], patches.grid])
+            index.train(select_training_vectors(self._index_config.training_source, everything, all_images,
+                                                patch_grids=all_grids,
+                                                given=self._training_vectors_in_index_space(whitening)))
+            if len(old_ids):
+                index.add(old_vectors, old_ids, old_ids_images)
+        elif index is None:
+            # Flat: the configured one; IVFPQ with too few vectors to train: exact (flat) until there are enough.
+            config_now = self._index_config if isinstance(self._index_config, FlatConfig) else FlatConfig()
+            index = config_now.create(vectors.shape[1], self._encoder.num_threads)
         index.add(vectors, patch_ids, image_ids)
+        # Committed: nothing below can fail on the caller's input.
+        self._index, self._whitening = index, whitening
+        if self._global is None and len(self._images) == 0:
+            self._global = GlobalDescriptors(index.dim)
+        if self._global is not None:
+            whole = np.flatnonzero(patches.grid == 1)
+            self._global.append(len(images), patches.image[whole], vectors[whole])
         self._images.extend(ImageRecord(first_image + i, image.name, int(image.width), int(image.height))
                             for i, image in enumerate(images))
         self._patches.append(patches.with_image(image_ids))
+        if self._whitening is None and config is not None and isinstance(index.config, FlatConfig) and \
+                index.ntotal >= config.min_vectors:
+            # A flat index that reached min_vectors over several adds: learn on everything it holds now.
+            self.relearn_whitening(config)
         return list(range(first_image, len(self._images)))
 
-    def _ensure_index(self, dim: int) -> "PatchIndex":
-        if self._index is None:
-            self._index = self._index_config.create(dim, self._encoder.num_threads)
-        elif self._index.dim != dim:
-            raise ValueError(f"vectors have dimension {dim}, the index holds {self._index.dim}")
-        return self._index
+    @property
+    def exact_until_trained(self) -> int | None:
+        """For an IVFPQ engine that has not yet had enough patches to train its codebooks: the number it needs
+        (until then its patches are held and searched exactly, in a flat index); None otherwise."""
+        if not isinstance(self._index_config, IVFPQConfig):
+            return None
+        if self._index is not None and not isinstance(self._index.config, FlatConfig):
+            return None
+        return self._index_config.min_training_vectors()
 
-    def _check_can_train(self, n_sources: int) -> None:
-        """Refuses before any encoding what training would refuse after it: too few patches for the codebooks, or
-        a training source that needs vectors nobody gave."""
+    def _staged_vectors(self) -> tuple[np.ndarray, np.ndarray] | None:
+        from .index.flat import FlatIndex
+
+        if self.exact_until_trained is None or not isinstance(self._index, FlatIndex):
+            return None
+        return self._index.stored_vectors()
+
+    def _trains_ivfpq_now(self, total: int) -> bool:
+        need = self.exact_until_trained
+        return need is not None and total >= need
+
+    @property
+    def input_dim(self) -> int | None:
+        """Dimension of the vectors the engine takes (the backbone's), once known."""
+        if self._whitening is not None:
+            return self._whitening.input_dim
+        return self._index.dim if self._index is not None else None
+
+    def _check_input_dim(self, dim: int) -> None:
+        expected = self.input_dim
+        if expected is not None and dim != expected:
+            raise ValueError(f"vectors have dimension {dim}, the index takes {expected}")
+
+    def _training_vectors_in_index_space(self, whitening: Whitening | None) -> np.ndarray | None:
+        """training_vectors are backbone vectors: the codebooks learn in the index's (whitened) space."""
+        if self.training_vectors is None or whitening is None:
+            return self.training_vectors
+        return whitening.apply(self.training_vectors)
+
+    def relearn_whitening(self, config: WhiteningConfig | None = None) -> Whitening:
+        """Learns the whitening again on every patch the index holds now (after many adds, the first add's sample
+        may no longer represent the database) and re-indexes them; `config` changes its settings (default: the
+        current ones; this also whitens an index built with whitening="none"). Flat indexes only, and only with
+        every dimension kept: the stored vectors are turned back into the backbone's exactly
+        (`Whitening.recover`), so no image is read. An IVFPQ index holds codes trained in the old space: rebuild
+        it instead. Returns the new whitening; the index is unchanged when this fails."""
+        from .index.flat import FlatIndex
+
+        config = config or self._whitening_config or DEFAULT_WHITENING
+        if not isinstance(config, WhiteningConfig):
+            raise ValueError(f"config must be a WhiteningConfig, got {type(config).__name__}")
+        index = self._index
+        if index is None or index.ntotal == 0:
+            raise ValueError("the index is empty: nothing to learn the whitening from")
+        if not isinstance(index, FlatIndex):
+            raise ValueError("relearn_whitening works on flat indexes: IVFPQ codes were trained in the old whitened "
+                             "space, so rebuild the index (add the images to a new engine; the embedding cache "
+                             "makes that a disk read, not a backbone pass)")
+        if self._whitening is not None and not self._whitening.invertible:
+            raise ValueError(f"the current whitening keeps {self._whitening.output_dim} of "
+                             f"{self._whitening.input_dim} dimensions: the backbone's vectors cannot be recovered; "
+                             "rebuild the index")
+        stored, patch_ids = index.stored_vectors()
+        raw = stored.astype(np.float32) if self._whitening is None else self._whitening.recover(stored)
+        image_ids = self._patches.image[patch_ids]
+        whitening = Whitening.learn(raw, config, n_images=self.n_images)
+        whitened = whitening.apply(raw)
+        rebuilt = FlatIndex(whitened.shape[1], dtype=index.dtype, num_threads=index.num_threads)
+        rebuilt.add(whitened, patch_ids, image_ids)
+        whole = np.flatnonzero(self._patches.grid[patch_ids] == 1)
+        descriptors = GlobalDescriptors(rebuilt.dim)
+        descriptors.append(len(self._images), image_ids[whole], whitened[whole])
+        self._index, self._whitening, self._whitening_config, self._global = rebuilt, whitening, config, descriptors
+        return whitening
+
+    def _check_training_source(self) -> None:
+        """Refuses before any encoding what training would refuse after it: a training source that needs vectors
+        nobody gave. (Too few patches to train is not an error: the engine searches exactly until there are
+        enough, see `exact_until_trained`.)"""
         config = self._index_config
-        if not isinstance(config, IVFPQConfig) or (self._index is not None and self._index.is_trained):
-            return
-        if config.training_source in ("given", "gt-aligned") and self.training_vectors is None:
+        if isinstance(config, IVFPQConfig) and self.exact_until_trained is not None and \
+                config.training_source in ("given", "gt-aligned") and self.training_vectors is None:
             raise ValueError(f"training_source {config.training_source!r} needs training_vectors=(n, dim) vectors")
-        need = config.min_training_vectors()
-        most = n_sources * self.tiling.patches_per_image
-        if most < need:
-            raise ValueError(f"IVFPQ training needs at least {need} patch vectors (nlist={config.nlist}, "
-                             f"{1 << config.nbits} PQ centroids); {n_sources} images at grids {list(self.grids)} "
-                             f"give at most {most}. Add more images at once, lower nlist/nbits, or use the flat index")
 
     def remove_images(self, image_ids: Sequence[int]) -> int:
         """Removes images (and all their patches) by id; returns the number of patches removed."""
@@ -245,6 +424,8 @@ class Patchify:
         if bad:
             raise ValueError(f"image_ids not in the index: {bad[:10]}")
         removed = self._index.remove_images(ids) if self._index is not None and len(ids) else 0
+        if self._global is not None and len(ids):
+            self._global.forget(ids)
         for i in ids:
             record = self._images[int(i)]
             self._images[int(i)] = ImageRecord(record.id, record.name, record.width, record.height, removed=True)
@@ -256,7 +437,7 @@ class Patchify:
         return self.embed_queries([query])[0]
 
     def embed_queries(self, queries: Sequence[ImageSource | np.ndarray]) -> np.ndarray:
-        return self._encoder.embed_queries(queries, self._index.dim if self._index is not None else None)
+        return self._encoder.embed_queries(queries, self.input_dim)
 
     def search(self, query: ImageSource | np.ndarray, k: int = 10) -> list[Hit]:
         """Top-k images for one query: a path, PIL image, HxWx3 uint8 array, or a descriptor (a 1-D float
@@ -277,8 +458,24 @@ class Patchify:
         if self._index is None or self._index.ntotal == 0:
             raise ValueError("the index is empty: add images before searching")
         vectors = self.embed_queries(list(queries))
-        scores, image_ids, patch_ids = self._index.search(vectors, k)
+        scores, image_ids, patch_ids = self.search_vectors(vectors, k)
         return [self._hits(scores[q], image_ids[q], patch_ids[q]) for q in range(len(vectors))]
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ranking behind `search_batch`, as arrays: queries (nq, dim) backbone descriptors -> (scores, image
+        ids, winning patch ids), each (nq, min(k, images)), best first, padded with -inf / -1. Applies the
+        whitening and the global + patch fusion."""
+        k = check_k(k)
+        if self._index is None or self._index.ntotal == 0:
+            raise ValueError("the index is empty: add images before searching")
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        self._check_input_dim(queries.shape[1])
+        if self._whitening is not None:
+            queries = self._whitening.apply(queries)
+        weight = self.effective_global_weight
+        if weight > 0 and self._global is not None:
+            return fused_search(self._index.search, queries, k, weight, self._global, self._index.n_images)
+        return self._index.search(queries, k)
 
     def _hits(self, scores: np.ndarray, image_ids: np.ndarray, patch_ids: np.ndarray) -> list[Hit]:
         hits = []
@@ -307,8 +504,12 @@ class Patchify:
             saved = self._saved_backbone
             record = store.BackboneRecord(self._encoder.backbone_name, self._encoder.identity(),
                                           saved.weights if saved else None)
+        staging = self._index_config if self.exact_until_trained is not None else None
         return store.save(directory, backbone=record, tiling=self.tiling, index=self._index, images=self._images,
-                          patches=self._patches, patchify_version=_core.__version__)
+                          target_index=staging,
+                          patches=self._patches, whitening_config=self._whitening_config, whitening=self._whitening,
+                          global_descriptors=self._global, global_weight=self._global_weight,
+                          patchify_version=_core.__version__)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, backbone: "str | Backbone | None" = None,
@@ -321,8 +522,23 @@ class Patchify:
         encoder = Encoder(saved.backbone.name if backbone is None else backbone, saved.tiling,
                           num_threads=num_threads, embedding_cache=embedding_cache,
                           expected_identity=saved.backbone.identity, check_name=backbone is not None)
-        engine._compose(encoder, saved.index.config, saved.index, saved.images, saved.patches, saved.backbone)
+        engine._compose(encoder, saved.target_index or saved.index.config, saved.index, saved.images,
+                        saved.patches, saved.backbone, saved.whitening_config, saved.whitening,
+                        saved.global_descriptors, saved.global_weight)
         return engine
+
+
+def _whitening_setting(setting: WhiteningSetting) -> tuple[WhiteningConfig | None, Whitening | None]:
+    """(what to learn, what is already learned) from the `whitening=` argument."""
+    if setting is None or setting is False or setting == "none":
+        return None, None
+    if setting == "learned" or setting is True:
+        return DEFAULT_WHITENING, None
+    if isinstance(setting, WhiteningConfig):
+        return setting, None
+    if isinstance(setting, Whitening):
+        return setting.config, setting
+    raise ValueError(f"whitening must be 'learned', 'none', a WhiteningConfig or a Whitening, got {setting!r}"[:200])
 
 
 def _source_list(sources: "ImageSource | Iterable[ImageSource]") -> list[ImageSource]:

@@ -94,6 +94,8 @@ def evaluate_levels(
     levels: Sequence[int] = (0, 1, 2, 3),
     indexes: Sequence["str | IndexConfig"] = ("flat",),
     index_settings: dict[str, Any] | None = None,
+    whitening: Any = "learned",
+    global_weight: float | None = None,
     embedding_cache: bool | str | Path = True,
     num_threads: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -103,7 +105,8 @@ def evaluate_levels(
     """Evaluates `dataset` at each level with each index ("flat", "ivfpq", a faiss factory string or a config).
 
     The database is encoded once, at the finest level; each (level, index) engine gets the rows of its grids
-    through `Patchify.add_embeddings` (levels nest), so no image is read twice."""
+    through `Patchify.add_embeddings` (levels nest), so no image is read twice. whitening / global_weight: as
+    `Patchify`'s (each level's engine learns its whitening on its own patches, as a user's index would)."""
     if not levels:
         raise ValueError("levels must name at least one grid level")
     levels = sorted({int(level) for level in levels}, reverse=True)
@@ -133,7 +136,7 @@ def evaluate_levels(
         for level in levels:
             build_started = time.perf_counter()
             engine = Patchify(backbone=model, level=level, index=spec, num_threads=num_threads,
-                              batch_size=batch_size, **settings)
+                              batch_size=batch_size, whitening=whitening, global_weight=global_weight, **settings)
             rows = np.isin(patches.grid, engine.grids)
             engine.add_embeddings(vectors[rows], patches.select(rows), images)
             build_seconds = time.perf_counter() - build_started

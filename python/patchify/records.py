@@ -172,7 +172,10 @@ class AddReport:
     `timings` says where the `seconds` went, in seconds per stage. "decode", "tile", "encode" and "index" are
     wall-clock time of the calling thread, so they add up to at most `seconds`; "decode" is the time it *waited*
     for decoded images (decoding runs in worker threads, overlapped with encoding). "decode_cpu" is the decode
-    time summed over the worker threads (cache look-ups included): it can exceed the wait, and `seconds`."""
+    time summed over the worker threads (cache look-ups included): it can exceed the wait, and `seconds`.
+
+    `notes`: what happened to the index itself during this add, in words: the whitening learned, an IVFPQ index
+    trained, or still searched exactly because it has too few patches to train."""
 
     image_ids: list[int] = field(default_factory=list)
     n_patches: int = 0
@@ -181,6 +184,7 @@ class AddReport:
     from_cache: int = 0
     timings: dict[str, float] = field(
         default_factory=lambda: {"decode": 0.0, "decode_cpu": 0.0, "tile": 0.0, "encode": 0.0, "index": 0.0})
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_images(self) -> int:
@@ -189,5 +193,6 @@ class AddReport:
     def __str__(self) -> str:
         lines = [f"{self.n_images} images, {self.n_patches} patches in {self.seconds:.1f} s"
                  f" ({self.from_cache} from the embedding cache), {len(self.skipped)} skipped"]
+        lines += [f"  {note}" for note in self.notes]
         lines += [f"  skipped {s.source}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)

@@ -7,11 +7,18 @@ A saved index is a folder:
   patches.npz     the patch table (image, box, grid, cell): patch id = row; the patch -> image map lives only here
   index files     written by the index (`save_files`), holding data only, no settings:
                   flat: flat_vectors.npy, flat_patch_ids.npy; ivfpq: ivfpq_index.faiss
+  whitening.npz   the learned whitening's mean and projection (absent when the index holds raw vectors)
+  global_descriptors.npy  each image's whole-image vector in the index's space (float16), for score fusion
 
 Version history (every version stays loadable; fixtures in tests/fixtures/indices/vN):
   1: settings split between manifest.json and ivfpq_meta.json (the loader trusted the manifest, so a changed
      nprobe was lost), the patch -> image map also in flat_image_ids.npy / ivfpq_patch_image.npy, no checksums.
-  2: the layout above.
+  2: no whitening, no global descriptors, no scoring settings (loads as whitening "none", global_weight 0: the
+     plain max it was built for).
+  3: the layout above; the manifest adds "whitening" (null, or its settings and whether/what it learned),
+     "scoring" ({"global_weight": w}) and "target_index" (the IVFPQ settings of an index still held exactly, flat,
+     until it has enough patches to train; else null); IVFPQ settings add the re-rank store's (rerank_codes.npy,
+     rerank_sq.npy).
 
 Saving is atomic: everything is written into a sibling temporary folder that then replaces the target with
 renames, so a crash never leaves a half-written index where a good one was.
@@ -32,16 +39,18 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from .backbones.cache import sha256_of
-from .config import FlatConfig, IndexConfig, TilingConfig, index_config_from_dict
+from .config import FlatConfig, IndexConfig, TilingConfig, WhiteningConfig, check_global_weight, index_config_from_dict
 from .errors import IndexFormatError
+from .fusion import GLOBAL_DESCRIPTORS_FILE, GlobalDescriptors
 from .records import ImageRecord, PatchTable
+from .whitening import WHITENING_FILE, Whitening
 
 if TYPE_CHECKING:
     from .index.base import PatchIndex
 
 FORMAT_NAME = "patchify-index"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 MANIFEST = "manifest.json"
 IMAGES = "images.json"
@@ -68,6 +77,11 @@ class SavedIndex:
     images: list[ImageRecord]
     patches: PatchTable
     index: "PatchIndex"
+    whitening_config: WhiteningConfig | None = None  # None: raw vectors
+    whitening: Whitening | None = None  # None: raw vectors, or not learned yet (a small flat index)
+    global_descriptors: GlobalDescriptors | None = None  # None: format <= 2
+    global_weight: float | None = 0.0  # format <= 2: the plain max it was built for
+    target_index: IndexConfig | None = None  # an IVFPQ config whose index is still exact (flat) until it can train
 
 
 @contextmanager
@@ -100,7 +114,10 @@ def _write_json(path: Path, data: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------- saving
 def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: TilingConfig, index: "PatchIndex",
-         images: Sequence[ImageRecord], patches: PatchTable, patchify_version: str) -> Path:
+         images: Sequence[ImageRecord], patches: PatchTable, patchify_version: str,
+         whitening_config: WhiteningConfig | None = None, whitening: Whitening | None = None,
+         global_descriptors: GlobalDescriptors | None = None, global_weight: float | None = None,
+         target_index: IndexConfig | None = None) -> Path:
     """Writes a complete index folder atomically (format FORMAT_VERSION)."""
     directory = Path(directory)
     with atomic_directory(directory) as staging:
@@ -109,6 +126,15 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
         np.savez(staging / PATCHES, image=columns["image"], box=columns["box"], grid=columns["grid"],
                  cell=columns["cell"])
         written = [IMAGES, PATCHES, *index.save_files(staging)]
+        if whitening is not None:
+            written.append(whitening.save_file(staging))
+        if global_descriptors is not None:
+            written.append(global_descriptors.save_file(staging))
+        whitening_entry: dict[str, Any] | None = None
+        if whitening is not None:
+            whitening_entry = {"learned": True, **whitening.describe()}
+        elif whitening_config is not None:
+            whitening_entry = {"learned": False, "config": whitening_config.to_dict()}
         files = {name: {"bytes": (staging / name).stat().st_size, "sha256": sha256_of(staging / name)}
                  for name in written}
         _write_json(staging / MANIFEST, {
@@ -120,6 +146,9 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
             "index": {"dim": index.dim, **index.config.to_dict()},
             "n_images": len(images),
             "n_patches": len(patches),
+            "whitening": whitening_entry,
+            "scoring": {"global_weight": global_weight},
+            "target_index": target_index.to_dict() if target_index is not None else None,
             "files": files,
         })
     return directory
@@ -170,9 +199,14 @@ def describe(manifest: dict[str, Any]) -> dict[str, Any]:
         else:
             config.update({k: options[k] for k in ("nlist", "m", "nbits", "nprobe") if k in options})
             config["training_source"] = manifest.get("training_source", "all")
+        if kind == "ivfpq":
+            config["rerank"] = None
         return {"tiling": {"grids": manifest["grids"], "overlap": manifest.get("overlap", 0.0), "input_size": None},
                 "index": {"dim": manifest["index"]["dim"], **config}}
-    return {"tiling": manifest["tiling"], "index": manifest["index"]}
+    index = dict(manifest["index"])
+    if manifest["format_version"] == 2 and index.get("kind") == "ivfpq":
+        index.setdefault("rerank", None)  # version 2 had no re-rank store
+    return {"tiling": manifest["tiling"], "index": index}
 
 
 def _v1_ivfpq_settings(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +265,34 @@ def load(directory: str | os.PathLike, *, num_threads: int = 0, verify: bool = F
     # patch id -> image id, -1 where the image was removed: what the index needs to rebuild its own tables.
     patch_image = np.where(removed[patches.image], -1, patches.image) if len(patches) else patches.image
     index = _load_index(directory, config, dim, patch_image, n_images, num_threads)
-    return SavedIndex(directory, int(manifest["format_version"]), backbone, tiling, images, patches, index)
+    saved = SavedIndex(directory, int(manifest["format_version"]), backbone, tiling, images, patches, index)
+    if saved.format_version >= 3:
+        _load_scoring(directory, manifest, saved)
+    return saved
+
+
+def _load_scoring(directory: Path, manifest: dict[str, Any], saved: SavedIndex) -> None:
+    """The whitening, global descriptors and scoring settings of a version 3 index."""
+    entry = manifest.get("whitening")
+    files = manifest.get("files", {})
+    try:
+        if entry is not None:
+            saved.whitening_config = WhiteningConfig.from_dict(entry["config"])
+            if entry["learned"]:
+                if WHITENING_FILE not in files:
+                    raise KeyError(WHITENING_FILE)
+                saved.whitening = Whitening.load_file(directory, entry)
+        saved.global_weight = check_global_weight(manifest["scoring"]["global_weight"])
+        if manifest.get("target_index") is not None:
+            saved.target_index = index_config_from_dict(manifest["target_index"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFormatError(f"{directory / MANIFEST}: invalid whitening or scoring settings "
+                               f"({type(exc).__name__}: {exc})") from None
+    if saved.whitening is not None and saved.whitening.output_dim != saved.index.dim:
+        raise IndexFormatError(f"{directory / WHITENING_FILE}: whitens to {saved.whitening.output_dim} dimensions, "
+                               f"the index holds {saved.index.dim}")
+    if GLOBAL_DESCRIPTORS_FILE in files:
+        saved.global_descriptors = GlobalDescriptors.load_file(directory, saved.index.dim, len(saved.images))
 
 
 def _load_images(path: Path, n_images: int) -> list[ImageRecord]:

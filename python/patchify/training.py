@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import MAX_TRAINING_VECTORS as DEFAULT_MAX_VECTORS
 from .config import TRAINING_SOURCES as SOURCES
-DEFAULT_MAX_VECTORS = 262_144  # faiss's k-means itself never uses more than 256 points per centroid
 SALIENT_FRACTION = 0.5  # share of each image's sub-patches kept by "salient"
 GT_IOU = 0.3
 

@@ -100,6 +100,11 @@ class FlatIndex:
                     np.zeros((len(queries), 0), np.int64))
         return self._core.search(queries, k, self.num_threads)
 
+    def stored_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the stored vectors (n, dim) in the index's dtype and their patch ids (n,), rows grouped by
+        image (e.g. to re-learn a transform of them)."""
+        return np.array(self._core.vectors_view()), np.array(self._core.patch_ids_view(), dtype=np.int64)
+
     def nbytes(self) -> int:
         """Bytes of memory the index holds (vectors, ids and the per-image tables)."""
         return int(self._core.nbytes())

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..config import MIN_POINTS_PER_CENTROID, IVFPQConfig
+from ..config import MIN_POINTS_PER_CENTROID, RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, IVFPQConfig
 from ..errors import IndexFormatError
 from .base import check_ids, check_queries, check_vectors, result_width
+from .rerank import ImagePatches, RerankStore, rescore
 
 FORMAT_NAME = "patchify-ivfpq"
 FORMAT_VERSION = 1
@@ -63,12 +64,15 @@ class IVFPQIndex:
     def __init__(self, dim: int, nlist: int | None = IVFPQConfig.nlist, m: int = IVFPQConfig.m,
                  nbits: int = IVFPQConfig.nbits, nprobe: int = IVFPQConfig.nprobe, num_threads: int = 0, *,
                  factory: str | None = None, train_iterations: int | None = None, coarse: str = "native",
-                 training_source: str = IVFPQConfig.training_source) -> None:
+                 training_source: str = IVFPQConfig.training_source, rerank: str | None = IVFPQConfig.rerank,
+                 rerank_shortlist: int | None = IVFPQConfig.rerank_shortlist,
+                 rerank_storage: str = IVFPQConfig.rerank_storage) -> None:
         if factory is not None:
             parsed = IVFPQConfig.from_factory(factory)
             nlist, m, nbits = parsed.nlist, parsed.m, parsed.nbits
         # The config checks each setting's range; what depends on the dimension is checked here.
-        IVFPQConfig(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, training_source=training_source)
+        IVFPQConfig(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, training_source=training_source, rerank=rerank,
+                    rerank_shortlist=rerank_shortlist, rerank_storage=rerank_storage)
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         if dim % m:
@@ -94,18 +98,24 @@ class IVFPQIndex:
         self._num_images = 0  # max image id + 1 ever added (sizes the scanner's dense per-image scratch)
         self._scanner: Any = None
         self._lists_stale = True
+        # Second stage: the finer copy of the vectors, and image -> patch ids (rebuilt lazily after add/remove).
+        self.rerank_shortlist = rerank_shortlist
+        self.rerank_storage = rerank_storage
+        self._rerank = RerankStore(self.dim, rerank) if rerank is not None else None
+        self._image_patches: ImagePatches | None = None
 
     # ------------------------------------------------------------------ state
     @classmethod
     def from_faiss(cls, faiss_index: Any, *, nprobe: int = IVFPQConfig.nprobe, num_threads: int = 0,
-                   coarse: str = "native") -> "IVFPQIndex":
-        """Wraps a trained, empty faiss IndexIVFPQ (inner product, by residual), e.g. one trained elsewhere."""
+                   coarse: str = "native", rerank: str | None = IVFPQConfig.rerank) -> "IVFPQIndex":
+        """Wraps a trained, empty faiss IndexIVFPQ (inner product, by residual), e.g. one trained elsewhere. An int8
+        re-rank store learns its ranges from the first vectors added."""
         ivf = _checked_faiss_index(faiss_index, "faiss_index")
         if ivf.ntotal:
             raise ValueError(f"from_faiss takes an empty trained index (it holds {ivf.ntotal} vectors): patch -> "
                              "image ids are only known for vectors added through IVFPQIndex.add")
         self = cls(int(ivf.d), nlist=int(ivf.nlist), m=int(ivf.pq.M), nbits=int(ivf.pq.nbits), nprobe=nprobe,
-                   num_threads=num_threads, coarse=coarse)
+                   num_threads=num_threads, coarse=coarse, rerank=rerank)
         self._index = ivf
         self._build_scanner()
         return self
@@ -114,7 +124,17 @@ class IVFPQIndex:
     def config(self) -> IVFPQConfig:
         """The settings as they are now (nlist as trained, nprobe as last set)."""
         return IVFPQConfig(nlist=self.nlist, m=self.m, nbits=self.nbits, nprobe=int(self.nprobe),
-                           training_source=self.training_source)
+                           training_source=self.training_source, rerank=self.rerank,
+                           rerank_shortlist=self.rerank_shortlist, rerank_storage=self.rerank_storage)
+
+    @property
+    def rerank(self) -> str | None:
+        """The re-rank store's codec (None: one-stage search)."""
+        return self._rerank.codec if self._rerank is not None else None
+
+    @property
+    def rerank_store(self) -> RerankStore | None:
+        return self._rerank
 
     @property
     def ntotal(self) -> int:
@@ -159,6 +179,8 @@ class IVFPQIndex:
         if self.train_iterations is not None:
             index.cp.niter = index.pq.cp.niter = int(self.train_iterations)
         index.train(x)
+        if self._rerank is not None:
+            self._rerank.train(x)
         self._index = index
         self.nlist = nlist
         self._build_scanner()
@@ -178,6 +200,10 @@ class IVFPQIndex:
         known = pids[pids < len(self._map)]
         if np.any(self._map[known] >= 0):
             raise ValueError(f"patch ids already in the index: {known[self._map[known] >= 0][:10].tolist()}")
+        if self._rerank is not None:  # first: it checks the ids, and nothing is changed when it refuses
+            if not self._rerank.is_trained:  # wrapped with from_faiss: no training vectors were seen
+                self._rerank.train(x)
+            self._rerank.add(x, pids)
         self._index.add_with_ids(x, pids)
         # Copy-on-write: the scanner holds a pointer to the current map until it is handed the new one.
         new_map = np.full(max(len(self._map), int(pids.max()) + 1), -1, np.int32)
@@ -186,6 +212,7 @@ class IVFPQIndex:
         self._map = new_map
         self._num_images = max(self._num_images, int(imgs.max()) + 1)
         self._lists_stale = True
+        self._image_patches = None
 
     def remove_images(self, image_ids: np.ndarray) -> int:
         ids = check_ids(np.atleast_1d(np.asarray(image_ids)), "image_ids", -1)
@@ -199,6 +226,7 @@ class IVFPQIndex:
         new_map[patches] = -1
         self._map = new_map
         self._lists_stale = True
+        self._image_patches = None
         return removed
 
     # ------------------------------------------------------------------ search
@@ -209,10 +237,43 @@ class IVFPQIndex:
         k = result_width(k, self._num_images)
         if self.ntotal == 0 or k == 0:  # no image to rank: no columns, whatever k is
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
+        if self._rerank is None:
+            return self._first_stage(q, k)
+        return self._two_stage(q, k)
+
+    def _first_stage(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scanner = self._ready_scanner()
         if self.coarse == "native":
             return scanner.search_native(q, self._nprobe(), k, self.num_threads)
         return scanner.search(q, self.probe(q), k, self.num_threads)
+
+    def shortlist(self, k: int) -> int:
+        """Images the first stage hands to the second for a top-k search."""
+        if self.rerank_shortlist is not None:
+            return max(int(self.rerank_shortlist), k)
+        return max(RERANK_SHORTLIST_FACTOR * k, RERANK_MIN_SHORTLIST)
+
+    def _two_stage(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fused scanner's best `shortlist(k)` images, re-scored from the re-rank store (max over each one's
+        patches), the top k of those."""
+        assert self._rerank is not None
+        width = result_width(self.shortlist(k), self._num_images)
+        _, first_images, _ = self._first_stage(q, width)
+        if self._image_patches is None:
+            self._image_patches = ImagePatches(self._map, self._num_images)
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        images = np.full((len(q), k), -1, np.int64)
+        patches = np.full((len(q), k), -1, np.int64)
+        for row in range(len(q)):
+            candidates = first_images[row][first_images[row] >= 0]
+            if len(candidates) == 0:
+                continue
+            best, winners = rescore(self._rerank, q[row], candidates, self._image_patches)
+            order = np.argsort(-best, kind="stable")[:k]
+            scores[row, :len(order)] = best[order]
+            images[row, :len(order)] = candidates[order]
+            patches[row, :len(order)] = winners[order]
+        return scores, images, patches
 
     def _nprobe(self) -> int:
         return max(1, min(int(self.nprobe), int(self._index.nlist)))
@@ -244,7 +305,8 @@ class IVFPQIndex:
         inverted-list order (int32 per indexed patch, what the scanner reads)."""
         if self._index is None:
             return int(self._map.nbytes)
-        return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes)
+        rerank = self._rerank.ram_bytes() if self._rerank is not None else 0
+        return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes + rerank)
 
     # ------------------------------------------------------------------ persistence
     def save_files(self, directory: Path) -> list[str]:
@@ -255,7 +317,7 @@ class IVFPQIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _faiss().write_index(self._index, str(directory / INDEX_FILE))
-        return [INDEX_FILE]
+        return [INDEX_FILE, *(self._rerank.save_files(directory) if self._rerank is not None else [])]
 
     @classmethod
     def load_files(cls, directory: Path, config: IVFPQConfig, dim: int, patch_image: np.ndarray, n_images: int,
@@ -282,7 +344,14 @@ class IVFPQIndex:
                                    f"{int((patch_map >= 0).sum())} of images not removed")
         _check_list_ids(ivf, patch_map, path)
         self = cls(dim, nlist=int(ivf.nlist), m=config.m, nbits=config.nbits, nprobe=config.nprobe,
-                   num_threads=num_threads, training_source=config.training_source)
+                   num_threads=num_threads, training_source=config.training_source, rerank=config.rerank,
+                   rerank_shortlist=config.rerank_shortlist, rerank_storage=config.rerank_storage)
+        if config.rerank is not None:
+            self._rerank = RerankStore.load_files(Path(directory), dim, config.rerank,
+                                                  mmap=config.rerank_storage == "mmap")
+            if self._rerank.n_rows < len(patch_map):
+                raise IndexFormatError(f"{Path(directory)}: the re-rank store holds {self._rerank.n_rows} patches, "
+                                       f"the patch table {len(patch_map)}")
         self._index = ivf
         self._map = patch_map
         self._num_images = int(n_images)
@@ -324,7 +393,9 @@ class IVFPQIndex:
             raise IndexFormatError(f"{paths[2]}: patch -> image map does not match the {meta['ntotal']} indexed "
                                    "patches")
         config = IVFPQConfig(nlist=meta["nlist"], m=meta["m"], nbits=meta["nbits"], nprobe=meta["nprobe"],
-                             training_source=meta.get("training_source", IVFPQConfig.training_source))
+                             training_source=meta.get("training_source", IVFPQConfig.training_source),
+                             rerank=meta.get("rerank"), rerank_shortlist=meta.get("rerank_shortlist"),
+                             rerank_storage=meta.get("rerank_storage", IVFPQConfig.rerank_storage))
         try:
             return cls.load_files(directory, config, int(meta["dim"]), patch_map, int(meta["num_images"]),
                                   num_threads=num_threads)

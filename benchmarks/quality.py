@@ -1,0 +1,208 @@
+"""Retrieval quality through the engine: raw cosines vs learned whitening vs whitening + global fusion, per level.
+
+The quality table of benchmarks/RESULTS.md ("Retrieval quality on real photos"). Three sets of real photos, each
+encoded once with the real default backbone at the finest level (cached, see benchmarks/experiments/real_quality.py,
+which owns the sets and the encoding):
+
+* grocery    GroceryStore packaged products: the iconic (studio) photo of each product -> its store photos among
+             the chosen splits' (default train + val: 964 photos, 31 queries). No boxes.
+* crops      60 random crops (30-60 % per side) of the 20 real photos -> their source photo (top-1 hits).
+* composite  objects cut from real photos and pasted into others (has boxes: LocScore).
+
+Every configuration is a real `Patchify` engine: the cached patch vectors of each level go in through
+`add_embeddings` (so each level's engine learns its whitening on its own patches, exactly as a user's index would)
+and the queries through `search_vectors`; nothing here re-implements the scoring.
+
+    PATCHIFY_CACHE_DIR=/work/cache PYTHONPATH=python python benchmarks/quality.py \
+        [--sets crops,grocery,composite] [--grocery-splits train,val] [--max-level 3] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
+
+import real_quality as sets_module  # noqa: E402  (the sets, the encoder and its cache)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    engine: dict[str, Any] = field(default_factory=dict)  # Patchify keyword arguments
+    learn_on_others: bool = False  # a whitening learned on the other sets' patches (not the searched database)
+
+
+SETTINGS = [
+    Setting("raw max (paper)", {"whitening": "none", "global_weight": 0.0}),
+    Setting("whitened max", {"whitening": "learned", "global_weight": 0.0}),
+    Setting("whitened + fusion w.1", {"whitening": "learned", "global_weight": 0.1}),
+    Setting("whitened + fusion w.25 (default)", {}),
+    Setting("whitened + fusion w.5", {"whitening": "learned", "global_weight": 0.5}),
+    Setting("raw + fusion w.25", {"whitening": "none", "global_weight": 0.25}),
+    Setting("whitened (other sets) + fusion w.25", {"global_weight": 0.25}, learn_on_others=True),
+]
+
+
+def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, others: np.ndarray | None
+                ) -> dict[str, Any]:
+    from patchify import Patchify
+    from patchify.records import NewImage, PatchTable
+    from patchify.whitening import Whitening
+
+    options = dict(setting.engine)
+    if setting.learn_on_others:
+        if others is None:
+            raise ValueError(f"{setting.name}: needs at least two sets")
+        options["whitening"] = Whitening.learn(others)
+    engine = Patchify(level=level, **options)
+    keep = np.flatnonzero(data.grid <= level + 1)
+    # Patch boxes as int32 (x0, y0, x1, y1), cells only matter for display.
+    table = PatchTable(data.image[keep], data.boxes[keep].astype(np.int32), data.grid[keep],
+                       np.zeros(len(keep), np.int16))
+    images = [NewImage(f"{data.name}/{i}", 1, 1) for i in range(data.n_images)]
+    started = time.perf_counter()
+    engine.add_embeddings(data.vectors[keep], table, images)
+    build = time.perf_counter() - started
+    started = time.perf_counter()
+    scores, image_ids, patch_ids = engine.search_vectors(data.queries, k=data.n_images)
+    search = time.perf_counter() - started
+    result = evaluate(data, scores, image_ids, engine.patches.box[patch_ids])
+    result.update(build_s=build, search_s=search, effective_global_weight=engine.effective_global_weight,
+                  whitened_on=engine.whitening.learned_on_vectors if engine.whitening else 0)
+    return result
+
+
+def evaluate(data: "sets_module.EncodedSet", scores: np.ndarray, image_ids: np.ndarray, boxes: np.ndarray
+             ) -> dict[str, Any]:
+    from patchify.metrics import evaluate_rankings
+
+    rankings = [row.tolist() for row in image_ids]
+    box_lists = [[tuple(float(c) for c in b) for b in row] for row in boxes]
+    gts = [{"positives": p, "boxes": b} for p, b in zip(data.positives, data.gt_boxes, strict=True)]
+    ev = evaluate_rankings(rankings, box_lists, gts, scores=[row.tolist() for row in scores], recall_ks=(1, 5))
+    s = ev.summary()
+    top1 = sum(r[0] in set(p) for r, p in zip(rankings, data.positives, strict=True))
+    return {"mAP": s["mAP"], "R@1": s["R@1"], "LocScore": s["LocScore"], "top1": top1, "ap": ev.ap.tolist()}
+
+
+def paired_line(a: list[float], b: list[float], resamples: int = 10_000) -> str:
+    """Mean AP difference a - b with a bootstrap 95 % interval over queries, and queries won / lost."""
+    d = np.array(a) - np.array(b)
+    d = d[~np.isnan(d)]
+    boot = d[np.random.default_rng(0).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] ({(d > 1e-9).sum()}/{(d < -1e-9).sum()})"
+
+
+def format_table(results: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> str:
+    cols: list[tuple[str, str]] = []
+    for name in results:
+        cols += [(name, "top1")] if name == "crops" else [(name, "mAP")] + \
+            ([(name, "LocScore")] if name == "composite" else [(name, "R@1")])
+    header = "| setting | " + " | ".join(
+        f"{s} {'top-1 /' + str(len(next(iter(next(iter(results[s].values())).values()))['ap'])) if m == 'top1' else m}"
+        f" L{'/L'.join(str(lv) for lv in sorted(next(iter(results[s].values()))))}" for s, m in cols) + " |"
+    lines = [header, "|" + "---|" * (len(cols) + 1)]
+    for setting in next(iter(results.values())):
+        cells = []
+        for s, m in cols:
+            if setting not in results[s]:
+                cells.append("-")
+                continue
+            vals = [results[s][setting][lv][m] for lv in sorted(results[s][setting])]
+            cells.append("/".join(str(int(v)) if m == "top1" else ("n/a" if math.isnan(v) else f"{v:.3f}")
+                                  for v in vals))
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="crops,grocery,composite")
+    ap.add_argument("--grocery", type=Path, default=ROOT.parent / "shared" / "data" / "grocery")
+    ap.add_argument("--grocery-splits", default="train,val")
+    ap.add_argument("--photos", type=Path, default=ROOT / "data" / "photos")
+    ap.add_argument("--composite", default="20,4,60", help="OBJECTS,POSITIVES,DISTRACTORS")
+    ap.add_argument("--max-level", type=int, default=3, choices=range(4))
+    ap.add_argument("--threads", type=int, default=1, help="backbone threads for vectors not cached yet")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--dump-vectors", type=Path, default=None, metavar="DIR",
+                    help="also write every set's patch vectors (patches.npy) and queries (queries.npy) there, for "
+                         "benchmarks/bench_scoring.py")
+    args = ap.parse_args()
+
+    encoder = sets_module.Encoder("dinov2_vits14", args.threads)
+    sets: dict[str, Any] = {}
+    for name in args.sets.split(","):
+        if name == "crops":
+            sets[name] = sets_module.encode_crops(encoder, args.photos, 3, 0, print, args.max_level)
+        elif name == "grocery":
+            from patchify.datasets import load_grocery
+
+            dataset = load_grocery(args.grocery, args.grocery_splits.split(","))
+            sets[name] = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, args.max_level)
+        elif name == "composite":
+            from patchify.datasets import build_composite_benchmark, load_composite
+
+            n_obj, n_pos, n_dist = (int(v) for v in args.composite.split(","))
+            folder = ROOT / "benchmarks" / "cache" / f"composite_{n_obj}x{n_pos}x{n_dist}_seed0"
+            dataset = (load_composite(folder) if (folder / "groundtruth.json").is_file() else
+                       build_composite_benchmark(folder, n_objects=n_obj, positives_per_object=n_pos,
+                                                 n_distractors=n_dist, seed=0))
+            sets[name] = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, args.max_level)
+        else:
+            raise SystemExit(f"unknown set {name!r}")
+    if args.dump_vectors:
+        args.dump_vectors.mkdir(parents=True, exist_ok=True)
+        np.save(args.dump_vectors / "patches.npy", np.concatenate([d.vectors for d in sets.values()]))
+        np.save(args.dump_vectors / "queries.npy", np.concatenate([d.queries for d in sets.values()]))
+    results: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for name, data in sets.items():
+        rest = [d.vectors for n, d in sets.items() if n != name]
+        others = np.concatenate(rest) if rest else None
+        results[name] = {}
+        for setting in SETTINGS:
+            if setting.learn_on_others and others is None:
+                continue
+            results[name][setting.name] = {lv: run_setting(data, setting, lv, others)
+                                           for lv in range(args.max_level + 1)}
+            row = results[name][setting.name]
+            print(f"{name:9s} {setting.name:38s} " + "  ".join(
+                f"L{lv} mAP {r['mAP']:.3f} top1 {r['top1']}" for lv, r in row.items()), flush=True)
+    for name, data in sets.items():
+        print(f"{name}: {data.n_images} database images, {len(data.queries)} queries, "
+              f"{len(data.vectors)} patches at L{args.max_level}")
+    print(format_table(results))
+    print("\nPaired per-query AP differences (bootstrap 95 % interval; queries better / worse):")
+    base, default, plain = "raw max (paper)", "whitened + fusion w.25 (default)", "whitened max"
+    for name in results:
+        for lv in range(args.max_level + 1):
+            r = results[name]
+            print(f"{name} L{lv}: default vs raw {paired_line(r[default][lv]['ap'], r[base][lv]['ap'])}; "
+                  f"fusion vs whitened max {paired_line(r[default][lv]['ap'], r[plain][lv]['ap'])}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        slim = {s: {m: {f"L{lv}": {k: v for k, v in r.items() if k != "ap"} for lv, r in by.items()}
+                    for m, by in per.items()} for s, per in results.items()}
+        args.json.write_text(json.dumps({"machine": f"{platform.platform()}, {os.cpu_count()} cpus",
+                                         "args": {k: str(v) for k, v in vars(args).items()},
+                                         "sets": {n: {"images": d.n_images, "queries": len(d.queries)}
+                                                  for n, d in sets.items()},
+                                         "results": slim}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

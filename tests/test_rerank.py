@@ -1,0 +1,120 @@
+"""Two-stage IVFPQ search: the re-rank store against faiss's scalar quantiser and numpy, the second stage against
+exact search, and the store saved, memory-mapped, added to and removed from."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from patchify.index.flat import numpy_reference_search
+from patchify.index.ivfpq import IVFPQIndex
+from patchify.index.rerank import ImagePatches, RerankStore, rescore
+
+DIM, M = 32, 8
+
+
+def clustered(n_images: int, per_image: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose patches share a centre: what makes the max over patches meaningful."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_images, DIM)).astype(np.float32)
+    x = np.repeat(centres, per_image, axis=0) + 0.7 * rng.standard_normal((n_images * per_image, DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x, np.repeat(np.arange(n_images), per_image)
+
+
+def trained(rerank: str | None, **settings) -> tuple[IVFPQIndex, np.ndarray, np.ndarray]:
+    x, images = clustered(2000)
+    index = IVFPQIndex(DIM, nlist=16, m=M, nbits=4, nprobe=16, rerank=rerank, **settings)
+    index.train(x)
+    index.add(x, np.arange(len(x)), images)
+    return index, x, images
+
+
+def queries(x: np.ndarray, n: int = 20, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = x[rng.integers(0, len(x), n)] + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_int8_rows_equal_faiss_scalar_quantizer_and_float16_equals_numpy():
+    faiss = pytest.importorskip("faiss")
+    x, _ = clustered(100)
+    store = RerankStore(DIM, "int8")
+    store.train(x)
+    store.add(x, np.arange(len(x)))
+    sq = faiss.ScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit)
+    sq.train(x)
+    np.testing.assert_array_equal(store.rows(np.arange(10, 20)), sq.decode(sq.compute_codes(x[10:20])))
+    assert np.abs(store.rows(np.arange(len(x))) - x).max() < 0.02
+    half = RerankStore(DIM, "float16")
+    half.add(x, np.arange(len(x)))
+    np.testing.assert_array_equal(half.rows(np.array([5, 3])), x[[5, 3]].astype(np.float16).astype(np.float32))
+    assert half.code_size == 2 * DIM and store.code_size == DIM
+
+
+def test_rescore_is_the_max_over_each_images_patches():
+    x, images = clustered(50)
+    store = RerankStore(DIM, "float16")
+    store.add(x, np.arange(len(x)))
+    q = queries(x, 1)[0]
+    chosen = np.array([7, 2, 31])
+    best, winners = rescore(store, q, chosen, ImagePatches(images.astype(np.int32), 50))
+    exact = x.astype(np.float16).astype(np.float32) @ q
+    for image, score, winner in zip(chosen, best, winners):
+        rows = np.flatnonzero(images == image)
+        assert score == pytest.approx(exact[rows].max(), abs=1e-6) and winner == rows[exact[rows].argmax()]
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_second_stage_over_every_image_equals_exact_search(codec):
+    index, x, images = trained(codec, rerank_shortlist=2000)  # the shortlist is every image: no first-stage loss
+    q = queries(x)
+    scores, ids, patches = index.search(q, 10)
+    ref_scores, ref_ids, _ = numpy_reference_search(x, images, q, 10)
+    tolerance = 1e-3 if codec == "float16" else 2e-2
+    np.testing.assert_allclose(scores, ref_scores, atol=tolerance)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref_ids)])  # int8 may swap near-ties
+    assert overlap >= (0.99 if codec == "float16" else 0.95)
+    assert (images[patches] == ids).all()
+
+
+def test_two_stage_recovers_what_pq_alone_loses():
+    one, x, images = trained(None)
+    two, _, _ = trained("float16")
+    q = queries(x, 50)
+    _, exact, _ = numpy_reference_search(x, images, q, 10)
+    recall = lambda ids: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])  # noqa: E731
+    one_recall, two_recall = recall(one.search(q, 10)[1]), recall(two.search(q, 10)[1])
+    assert two_recall > one_recall + 0.3 and two_recall > 0.75  # 4-bit PQ on 32-d: the first stage is coarse
+    assert two.shortlist(10) == 100 and two.shortlist(50) == 500 and two.config.rerank == "float16"
+
+
+@pytest.mark.parametrize("storage", ["ram", "mmap"])
+def test_store_saves_loads_memory_maps_and_takes_more_patches(tmp_path, storage):
+    index, x, images = trained("int8", rerank_storage=storage)
+    q = queries(x)
+    before = index.search(q, 10)
+    index.save(tmp_path / "a")
+    loaded = IVFPQIndex.load(tmp_path / "a")
+    assert loaded.rerank_store.memory_mapped == (storage == "mmap")
+    for a, b in zip(before, loaded.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    more, more_images = clustered(30, seed=9)
+    loaded.add(more, np.arange(len(x), len(x) + len(more)), more_images + 2000)
+    hits = loaded.search(more[:1], 1)
+    assert hits[1][0, 0] == 2000 and hits[2][0, 0] == len(x)
+    if storage == "mmap":
+        assert loaded.rerank_store.ram_bytes() < index.rerank_store.ram_bytes()
+    loaded.save(tmp_path / "b")  # memory-mapped rows + the RAM tail, written together
+    again = IVFPQIndex.load(tmp_path / "b")
+    assert again.rerank_store.n_rows == len(x) + len(more)
+    np.testing.assert_array_equal(again.search(q, 10)[1], loaded.search(q, 10)[1])
+
+
+def test_removed_images_leave_both_stages():
+    index, x, images = trained("float16")
+    q = x[images == 5][:1]
+    assert index.search(q, 1)[1][0, 0] == 5
+    index.remove_images(np.array([5]))
+    assert 5 not in index.search(q, 50)[1][0]
+    with pytest.raises(ValueError, match="rerank"):
+        IVFPQIndex(DIM, m=M, rerank="int4")
