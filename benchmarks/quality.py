@@ -44,7 +44,7 @@ class Setting:
     learn_on_others: bool = False  # a whitening learned on the other sets' patches (not the searched database)
 
 
-SETTINGS = [
+SCORING = [
     Setting("raw max (paper)", {"whitening": "none", "global_weight": 0.0}),
     Setting("whitened max", {"whitening": "learned", "global_weight": 0.0}),
     Setting("whitened + fusion w.1", {"whitening": "learned", "global_weight": 0.1}),
@@ -53,19 +53,55 @@ SETTINGS = [
     Setting("raw + fusion w.25", {"whitening": "none", "global_weight": 0.25}),
     Setting("whitened (other sets) + fusion w.25", {"global_weight": 0.25}, learn_on_others=True),
 ]
+# Compression (issue "Compressed search that keeps flat's accuracy"): PQ48 codes with 8 bits where the set has
+# enough patches to train 256 centroids per sub-quantiser, else 5 bits ("auto"); default nlist and nprobe; the
+# second stage re-scores the first stage's best 100 images (what a top-10 search re-scores by default).
+_PQ = {"index": "ivfpq", "m": 48, "nbits": "auto", "rerank_shortlist": 100}
+COMPRESSION = [
+    Setting("flat, raw max (paper)", {"whitening": "none", "global_weight": 0.0}),
+    Setting("IVFPQ, raw max, one stage (before)", {**_PQ, "whitening": "none", "global_weight": 0.0,
+                                                   "rerank": "none"}),
+    Setting("IVFPQ, raw max + re-rank int8", {**_PQ, "whitening": "none", "global_weight": 0.0}),
+    Setting("flat (default scoring)", {}),
+    Setting("IVFPQ one stage (default scoring)", {**_PQ, "rerank": "none"}),
+    Setting("IVFPQ + re-rank int8 (default)", {**_PQ}),
+    Setting("IVFPQ + re-rank float16", {**_PQ, "rerank": "float16"}),
+]
+SUITES = {"scoring": SCORING, "compression": COMPRESSION}
 
 
 def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, others: np.ndarray | None
                 ) -> dict[str, Any]:
-    from patchify import Patchify
-    from patchify.records import NewImage, PatchTable
+    from patchify.config import IVFPQConfig
     from patchify.whitening import Whitening
 
     options = dict(setting.engine)
+    keep = np.flatnonzero(data.grid <= level + 1)
+    if options.get("nbits") == "auto":
+        options["nbits"] = 8 if len(keep) >= IVFPQConfig(nbits=8).min_training_vectors() else 5
     if setting.learn_on_others:
         if others is None:
             raise ValueError(f"{setting.name}: needs at least two sets")
         options["whitening"] = Whitening.learn(others)
+    engine = build_engine(data, level, options)
+    started = time.perf_counter()
+    # Every image ranked; a two-stage IVFPQ search ranks only its shortlist (rerank_shortlist: 100 here).
+    scores, image_ids, patch_ids = engine.search_vectors(data.queries, k=data.n_images)
+    search = time.perf_counter() - started
+    result = evaluate(data, scores, image_ids, engine.patches.box[patch_ids])
+    result.update(build_s=engine.build_seconds, search_s=search,
+                  effective_global_weight=engine.effective_global_weight,
+                  whitened_on=engine.whitening.learned_on_vectors if engine.whitening else 0,
+                  index=repr(engine.index.config), index_bytes_per_patch=engine.index.nbytes() / len(keep),
+                  exact_until_trained=engine.exact_until_trained)
+    return result
+
+
+def build_engine(data: "sets_module.EncodedSet", level: int, options: dict[str, Any]):
+    """A Patchify engine over the set's patches of `level` (through add_embeddings, as a user's would be)."""
+    from patchify import Patchify
+    from patchify.records import NewImage, PatchTable
+
     engine = Patchify(level=level, **options)
     keep = np.flatnonzero(data.grid <= level + 1)
     # Patch boxes as int32 (x0, y0, x1, y1), cells only matter for display.
@@ -74,24 +110,35 @@ def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, ot
     images = [NewImage(f"{data.name}/{i}", 1, 1) for i in range(data.n_images)]
     started = time.perf_counter()
     engine.add_embeddings(data.vectors[keep], table, images)
-    build = time.perf_counter() - started
-    started = time.perf_counter()
-    scores, image_ids, patch_ids = engine.search_vectors(data.queries, k=data.n_images)
-    search = time.perf_counter() - started
-    result = evaluate(data, scores, image_ids, engine.patches.box[patch_ids])
-    result.update(build_s=build, search_s=search, effective_global_weight=engine.effective_global_weight,
-                  whitened_on=engine.whitening.learned_on_vectors if engine.whitening else 0)
-    return result
+    engine.build_seconds = time.perf_counter() - started
+    return engine
+
+
+def recall_vs_shortlist(data: "sets_module.EncodedSet", level: int, nbits: int,
+                        shortlists: tuple[int, ...] = (10, 20, 50, 100, 200)) -> dict[int, float]:
+    """Recall of the flat index's top-10 images among the IVFPQ first stage's top R (whitened, plain max): how
+    long the shortlist must be for the second stage to see every image it should return."""
+    flat = build_engine(data, level, {"global_weight": 0.0})
+    ivf = build_engine(data, level, {"global_weight": 0.0, "index": "ivfpq", "m": 48, "nbits": nbits,
+                                     "rerank": "none"})
+    _, exact, _ = flat.search_vectors(data.queries, 10)
+    out = {}
+    for r in shortlists:
+        _, first, _ = ivf.search_vectors(data.queries, r)
+        out[r] = float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(exact, first)]))
+    return out
 
 
 def evaluate(data: "sets_module.EncodedSet", scores: np.ndarray, image_ids: np.ndarray, boxes: np.ndarray
              ) -> dict[str, Any]:
     from patchify.metrics import evaluate_rankings
 
-    rankings = [row.tolist() for row in image_ids]
-    box_lists = [[tuple(float(c) for c in b) for b in row] for row in boxes]
+    found = image_ids >= 0  # an IVFPQ search pads with -1 past the images it found
+    rankings = [row[ok].tolist() for row, ok in zip(image_ids, found)]
+    box_lists = [[tuple(float(c) for c in b) for b in row[ok]] for row, ok in zip(boxes, found)]
     gts = [{"positives": p, "boxes": b} for p, b in zip(data.positives, data.gt_boxes, strict=True)]
-    ev = evaluate_rankings(rankings, box_lists, gts, scores=[row.tolist() for row in scores], recall_ks=(1, 5))
+    ev = evaluate_rankings(rankings, box_lists, gts, scores=[row[ok].tolist() for row, ok in zip(scores, found)],
+                           recall_ks=(1, 5))
     s = ev.summary()
     top1 = sum(r[0] in set(p) for r, p in zip(rankings, data.positives, strict=True))
     return {"mAP": s["mAP"], "R@1": s["R@1"], "LocScore": s["LocScore"], "top1": top1, "ap": ev.ap.tolist()}
@@ -137,6 +184,9 @@ def main() -> int:
     ap.add_argument("--composite", default="20,4,60", help="OBJECTS,POSITIVES,DISTRACTORS")
     ap.add_argument("--max-level", type=int, default=3, choices=range(4))
     ap.add_argument("--threads", type=int, default=1, help="backbone threads for vectors not cached yet")
+    ap.add_argument("--suite", choices=list(SUITES), default="scoring",
+                    help="scoring: raw / whitened / fusion; compression: flat vs IVFPQ with and without re-rank")
+    ap.add_argument("--min-level", type=int, default=0, choices=range(4))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--dump-vectors", type=Path, default=None, metavar="DIR",
                     help="also write every set's patch vectors (patches.npy) and queries (queries.npy) there, for "
@@ -173,11 +223,11 @@ def main() -> int:
         rest = [d.vectors for n, d in sets.items() if n != name]
         others = np.concatenate(rest) if rest else None
         results[name] = {}
-        for setting in SETTINGS:
+        for setting in SUITES[args.suite]:
             if setting.learn_on_others and others is None:
                 continue
             results[name][setting.name] = {lv: run_setting(data, setting, lv, others)
-                                           for lv in range(args.max_level + 1)}
+                                           for lv in range(args.min_level, args.max_level + 1)}
             row = results[name][setting.name]
             print(f"{name:9s} {setting.name:38s} " + "  ".join(
                 f"L{lv} mAP {r['mAP']:.3f} top1 {r['top1']}" for lv, r in row.items()), flush=True)
@@ -186,12 +236,31 @@ def main() -> int:
               f"{len(data.vectors)} patches at L{args.max_level}")
     print(format_table(results))
     print("\nPaired per-query AP differences (bootstrap 95 % interval; queries better / worse):")
-    base, default, plain = "raw max (paper)", "whitened + fusion w.25 (default)", "whitened max"
+    pairs = ([("whitened + fusion w.25 (default)", "raw max (paper)"),
+              ("whitened + fusion w.25 (default)", "whitened max")] if args.suite == "scoring" else
+             [("IVFPQ + re-rank int8 (default)", "flat (default scoring)"),
+              ("IVFPQ one stage (default scoring)", "flat (default scoring)"),
+              ("IVFPQ, raw max + re-rank int8", "flat, raw max (paper)")])
     for name in results:
-        for lv in range(args.max_level + 1):
+        for lv in range(args.min_level, args.max_level + 1):
             r = results[name]
-            print(f"{name} L{lv}: default vs raw {paired_line(r[default][lv]['ap'], r[base][lv]['ap'])}; "
-                  f"fusion vs whitened max {paired_line(r[default][lv]['ap'], r[plain][lv]['ap'])}")
+            print(f"{name} L{lv}: " + "; ".join(f"{a} vs {b} {paired_line(r[a][lv]['ap'], r[b][lv]['ap'])}"
+                                                for a, b in pairs))
+    if args.suite == "compression":
+        from patchify.config import IVFPQConfig
+
+        print("\nIndex bytes per patch in RAM (first stage + re-rank store if in RAM), per set at the finest level:")
+        for name in results:
+            for setting, by_level in results[name].items():
+                r = by_level[args.max_level]
+                print(f"  {name} {setting}: {r['index_bytes_per_patch']:.1f} B/patch  {r['index']}")
+        print("\nRecall of flat's top-10 images in the IVFPQ first stage's top R (whitened, plain max):")
+        for name, data in sets.items():
+            n = int((data.grid <= args.max_level + 1).sum())
+            nbits = 8 if n >= IVFPQConfig(nbits=8).min_training_vectors() else 5
+            recall = recall_vs_shortlist(data, args.max_level, nbits)
+            print(f"  {name} L{args.max_level} PQ48x{nbits}: "
+                  + "  ".join(f"R={r}: {v:.3f}" for r, v in recall.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         slim = {s: {m: {f"L{lv}": {k: v for k, v in r.items() if k != "ap"} for lv, r in by.items()}

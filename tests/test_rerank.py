@@ -7,7 +7,7 @@ import pytest
 
 from patchify.index.flat import numpy_reference_search
 from patchify.index.ivfpq import IVFPQIndex
-from patchify.index.rerank import ImagePatches, RerankStore, rescore
+from patchify.index.rerank import ImagePatches, RerankStore
 
 DIM, M = 32, 8
 
@@ -51,17 +51,26 @@ def test_int8_rows_equal_faiss_scalar_quantizer_and_float16_equals_numpy():
     assert half.code_size == 2 * DIM and store.code_size == DIM
 
 
-def test_rescore_is_the_max_over_each_images_patches():
+@pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_scorer_is_the_max_over_each_images_patches_of_the_decoded_rows(codec):
     x, images = clustered(50)
-    store = RerankStore(DIM, "float16")
+    store = RerankStore(DIM, codec)
+    store.train(x)
     store.add(x, np.arange(len(x)))
-    q = queries(x, 1)[0]
-    chosen = np.array([7, 2, 31])
-    best, winners = rescore(store, q, chosen, ImagePatches(images.astype(np.int32), 50))
-    exact = x.astype(np.float16).astype(np.float32) @ q
-    for image, score, winner in zip(chosen, best, winners):
-        rows = np.flatnonzero(images == image)
-        assert score == pytest.approx(exact[rows].max(), abs=1e-6) and winner == rows[exact[rows].argmax()]
+    q = queries(x, 3)
+    candidates = np.array([[7, 2, 31], [0, -1, 49], [5, 5, 6]])
+    best, winners = store.max_over_images(q, candidates, ImagePatches(images.astype(np.int32), 50))
+    decoded = store.rows(np.arange(len(x)))  # numpy reference: decode every row, then the inner products
+    for qi in range(3):
+        exact = decoded @ q[qi]
+        for j, image in enumerate(candidates[qi]):
+            if image < 0:
+                assert best[qi, j] == -np.inf and winners[qi, j] == -1
+                continue
+            rows = np.flatnonzero(images == image)
+            assert best[qi, j] == pytest.approx(exact[rows].max(), abs=1e-5)
+            assert exact[winners[qi, j]] == pytest.approx(exact[rows].max(), abs=1e-5)
+            assert images[winners[qi, j]] == image
 
 
 @pytest.mark.parametrize("codec", ["float16", "int8"])

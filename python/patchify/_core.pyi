@@ -1,5 +1,5 @@
 """
-Patchify C++ core: patch tiler, flat max-over-patches index, fused IVFPQ scanner
+Patchify C++ core: patch tiler, flat max-over-patches index, fused IVFPQ scanner, re-rank scorer
 """
 from __future__ import annotations
 import collections.abc
@@ -30,7 +30,7 @@ class FlatPatchIndex:
         """
         Image id of each stored row (a copy)
         """
-    def search(self, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    def search(self, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
         """
         (nq, dim) float32 C-contiguous queries -> (scores, image ids, patch ids), each (nq, min(k, n_images)), best first
         """
@@ -70,11 +70,11 @@ class IVFPQScanner:
         """
         The native coarse search's probed lists for one query.
         """
-    def search(self, queries: numpy.ndarray, probes: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    def search(self, queries: numpy.ndarray, probes: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
         """
         Top-k images per query: (scores, image_ids, patch_ids), each (nq, min(k, num_images)), padded with -inf / -1 where a query reaches fewer images.
         """
-    def search_native(self, queries: numpy.ndarray, nprobe: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    def search_native(self, queries: numpy.ndarray, nprobe: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
         """
         As search, with the coarse search (top-nprobe centroids by inner product) done in C++ too.
         """
@@ -97,6 +97,10 @@ def ivfpq_patch_scores(scanner: IVFPQScanner, query: numpy.ndarray, probes: nump
 def patch_boxes(height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, grids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], overlap: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> tuple:
     """
     Patch boxes of one image: (boxes int32 (P, 4) x0 y0 x1 y1, grid int32 (P,), cell int32 (P,)).
+    """
+def rerank_max(codec: str, base: numpy.ndarray, tail: numpy.ndarray, vmin: numpy.ndarray, vdiff: numpy.ndarray, starts: numpy.ndarray, patch_ids: numpy.ndarray, queries: numpy.ndarray, candidates: numpy.ndarray, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64]]:
+    """
+    Second stage of a compressed search: for candidates (nq, r) image ids (-1 = none), the max inner product over every patch of each image (image i's patch ids: patch_ids[starts[i]:starts[i+1]]), read from uint8 code rows indexed by patch id (rows [0, len(base)) in base, the rest in tail): float16 (2*dim bytes) or faiss QT_8bit (dim bytes; vmin, vdiff float32 (dim,)). Returns (best (nq, r) float32, -inf for none; winner (nq, r) int64 patch ids, -1 for none).
     """
 def tile_images(images: collections.abc.Sequence, grids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], input_size: typing.SupportsInt | typing.SupportsIndex, mean: typing.Annotated[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], "FixedSize(3)"], std: typing.Annotated[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], "FixedSize(3)"], interpolation: str, overlap: typing.SupportsFloat | typing.SupportsIndex, out: numpy.ndarray, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
     """

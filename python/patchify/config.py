@@ -141,7 +141,8 @@ class IVFPQConfig:
 
     Two-stage search (patchify.index.rerank): rerank = "float16" or "int8" keeps a finer copy of every patch vector
     and re-scores every patch of the first stage's best `rerank_shortlist` images exactly (None: the default
-    shortlist, RERANK_SHORTLIST_FACTOR x k, at least RERANK_MIN_SHORTLIST); None = one stage (PQ scores only).
+    shortlist, RERANK_SHORTLIST_FACTOR x k, at least RERANK_MIN_SHORTLIST); None or "none" = one stage (PQ scores
+    only).
     rerank_storage: "ram", or "mmap" (read from the saved index folder on demand once loaded)."""
 
     kind: ClassVar[str] = "ivfpq"
@@ -166,6 +167,8 @@ class IVFPQConfig:
             raise ValueError(f"nbits must be in [1, 16], got {self.nbits}")
         if self.training_source not in TRAINING_SOURCES:
             raise ValueError(f"training_source must be one of {TRAINING_SOURCES}, got {self.training_source!r}")
+        if self.rerank == "none":  # the spelling for "no re-rank" where None means "the default" (CLI, kwargs)
+            object.__setattr__(self, "rerank", None)
         if self.rerank not in RERANK_CODECS:
             raise ValueError(f"rerank must be one of {RERANK_CODECS}, got {self.rerank!r}")
         if self.rerank_shortlist is not None and (isinstance(self.rerank_shortlist, bool) or not isinstance(

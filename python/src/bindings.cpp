@@ -1,6 +1,6 @@
 // The extension module patchify._core: one PYBIND11_MODULE that registers each component's bindings
-// (bind_tiler.cpp, bind_flat.cpp, bind_ivfpq.cpp) and the module's one exception policy. The binding files only
-// check arrays (arrays.h), convert them to raw pointers and release the GIL around the C++ core
+// (bind_tiler.cpp, bind_flat.cpp, bind_ivfpq.cpp, bind_rerank.cpp) and the module's one exception policy. The
+// binding files only check arrays (arrays.h), convert them to raw pointers and release the GIL around the C++ core
 // (cpp/src/patchify/*.h); no logic lives here.
 #include <pybind11/gil_safe_call_once.h>
 #include <pybind11/pybind11.h>
@@ -19,6 +19,7 @@ namespace py = pybind11;
 void bind_tiler(py::module_& m);
 void bind_flat(py::module_& m);
 void bind_ivfpq(py::module_& m);
+void bind_rerank(py::module_& m);
 
 namespace {
 
@@ -47,7 +48,7 @@ void translate_exception(std::exception_ptr p) {
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "Patchify C++ core: patch tiler, flat max-over-patches index, fused IVFPQ scanner";
+  m.doc() = "Patchify C++ core: patch tiler, flat max-over-patches index, fused IVFPQ scanner, re-rank scorer";
   m.attr("__version__") = PATCHIFY_VERSION;
   core_error.call_once_and_store_result(
       []() { return py::module_::import("patchify.errors").attr("CoreError"); });
@@ -57,4 +58,5 @@ PYBIND11_MODULE(_core, m) {
   bind_tiler(m);
   bind_flat(m);
   bind_ivfpq(m);
+  bind_rerank(m);
 }

@@ -28,7 +28,7 @@ from .. import _core
 from ..config import MIN_POINTS_PER_CENTROID, RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, IVFPQConfig
 from ..errors import IndexFormatError
 from .base import check_ids, check_queries, check_vectors, result_width
-from .rerank import ImagePatches, RerankStore, rescore
+from .rerank import ImagePatches, RerankStore
 
 FORMAT_NAME = "patchify-ivfpq"
 FORMAT_VERSION = 1
@@ -241,6 +241,14 @@ class IVFPQIndex:
             return self._first_stage(q, k)
         return self._two_stage(q, k)
 
+    def first_stage(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fused scanner alone (PQ scores, no re-rank), as `search` returns it."""
+        q = check_queries(queries, self.dim)
+        k = result_width(k, self._num_images)
+        if self.ntotal == 0 or k == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
+        return self._first_stage(q, k)
+
     def _first_stage(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scanner = self._ready_scanner()
         if self.coarse == "native":
@@ -261,18 +269,11 @@ class IVFPQIndex:
         _, first_images, _ = self._first_stage(q, width)
         if self._image_patches is None:
             self._image_patches = ImagePatches(self._map, self._num_images)
-        scores = np.full((len(q), k), -np.inf, np.float32)
-        images = np.full((len(q), k), -1, np.int64)
-        patches = np.full((len(q), k), -1, np.int64)
-        for row in range(len(q)):
-            candidates = first_images[row][first_images[row] >= 0]
-            if len(candidates) == 0:
-                continue
-            best, winners = rescore(self._rerank, q[row], candidates, self._image_patches)
-            order = np.argsort(-best, kind="stable")[:k]
-            scores[row, :len(order)] = best[order]
-            images[row, :len(order)] = candidates[order]
-            patches[row, :len(order)] = winners[order]
+        best, winners = self._rerank.max_over_images(q, first_images, self._image_patches, self.num_threads)
+        order = np.argsort(-best, axis=1, kind="stable")[:, :k]  # -inf (no image) sorts last
+        scores = np.take_along_axis(best, order, axis=1)
+        images = np.where(np.isfinite(scores), np.take_along_axis(first_images, order, axis=1), -1)
+        patches = np.where(np.isfinite(scores), np.take_along_axis(winners, order, axis=1), -1)
         return scores, images, patches
 
     def _nprobe(self) -> int:

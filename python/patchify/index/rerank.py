@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _core
 from ..errors import IndexFormatError
 
 CODECS = ("float16", "int8")
@@ -76,7 +77,12 @@ class RerankStore:
         faiss = _faiss()
         sq = faiss.ScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit)
         sq.train(np.ascontiguousarray(vectors, np.float32))
+        self._set_quantizer(sq)
+
+    def _set_quantizer(self, sq: Any) -> None:
         self._sq = sq
+        trained = _faiss().vector_to_array(sq.trained).astype(np.float32)
+        self._vmin, self._vdiff = trained[:self.dim].copy(), trained[self.dim:].copy()
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(vectors, np.float32)
@@ -113,17 +119,33 @@ class RerankStore:
         self._n_tail = rows
 
     # ------------------------------------------------------------------ scoring
-    def rows(self, patch_ids: np.ndarray) -> np.ndarray:
-        """Decoded float32 vectors (n, dim) of these patch ids."""
+    def _codes(self, patch_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(patch_ids, np.int64)
         n_base = len(self._base)
         if n_base == 0:
-            return self.decode(self._tail[ids])
+            return self._tail[ids]
         codes = np.empty((len(ids), self.code_size), np.uint8)
         in_base = ids < n_base
         codes[in_base] = self._base[ids[in_base]]
         codes[~in_base] = self._tail[ids[~in_base] - n_base]
-        return self.decode(codes)
+        return codes
+
+    def rows(self, patch_ids: np.ndarray) -> np.ndarray:
+        """Decoded float32 vectors (n, dim) of these patch ids."""
+        return self.decode(self._codes(patch_ids))
+
+
+    def max_over_images(self, queries: np.ndarray, candidates: np.ndarray, image_patches: "ImagePatches",
+                        num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """For candidates (nq, r) image ids (-1 = none): the max score over each image's patches and the patch
+        reaching it, (nq, r) each (-inf / -1 for none). The C++ scorer (cpp/src/patchify/rerank.h), GIL released."""
+        empty = np.zeros(0, np.float32)
+        int8 = self.codec == "int8"
+        return _core.rerank_max(self.codec, np.ascontiguousarray(self._base), self._tail[:self._n_tail],
+                                self._vmin if int8 else empty, self._vdiff if int8 else empty,
+                                image_patches.starts, image_patches.patch_ids,
+                                np.ascontiguousarray(queries, np.float32),
+                                np.ascontiguousarray(candidates, np.int64), num_threads)
 
     # ------------------------------------------------------------------ persistence
     def save_files(self, directory: Path) -> list[str]:
@@ -163,27 +185,8 @@ class RerankStore:
             sq = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
             sq.trained.resize(2 * dim)
             faiss.copy_array_to_vector(trained, sq.trained)
-            self._sq = sq
+            self._set_quantizer(sq)
         return self
-
-
-def rescore(store: RerankStore, query: np.ndarray, image_ids: np.ndarray, image_patches: "ImagePatches"
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact (to the store's precision) max over each image's patches for one query: (scores, winning patch ids)
-    for `image_ids` (all valid, >= 0)."""
-    starts, ends = image_patches.ranges(image_ids)
-    counts = ends - starts
-    ids = image_patches.patch_ids_of(starts, ends)
-    scores = store.rows(ids) @ query
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    best = np.maximum.reduceat(scores, offsets)
-    # The winner of each image: the first position where its best score occurs.
-    owner = np.repeat(np.arange(len(image_ids)), counts)
-    is_best = scores == best[owner]
-    first = np.full(len(image_ids), -1, np.int64)
-    positions = np.flatnonzero(is_best)[::-1]
-    first[owner[positions]] = positions  # reversed: the earliest position is written last
-    return best.astype(np.float32), ids[first]
 
 
 class ImagePatches:

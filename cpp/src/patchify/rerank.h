@@ -1,0 +1,125 @@
+// Second stage of a compressed (IVFPQ) search: for each query and each of its shortlisted images, the max inner
+// product over *every* patch of the image, read from a finer copy of the vectors than the PQ codes:
+//   - float16 rows (2 bytes per dimension, IEEE half, converted with half.h), or
+//   - 8-bit scalar-quantised rows in faiss's ScalarQuantizer QT_8bit layout: dimension d of code c decodes to
+//     vmin[d] + (c + 0.5) / 255 * vdiff[d], so <q, x> = sum_d q_d vmin_d + sum_d w_d (c_d + 0.5) with
+//     w_d = q_d vdiff_d / 255: one uint8 x float dot product per row after a per-query setup, no decoding.
+// Rows are addressed by patch id and may live in two segments (a memory-mapped "base" of the rows saved with the
+// index, then a RAM "tail" of the rows added since); an image's patch ids are given as CSR (starts/patch_ids).
+// Pure C++, no Python: the bindings release the GIL around rerank_max.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "patchify/half.h"
+#include "patchify/parallel.h"
+
+namespace patchify {
+
+enum class RerankCodec { kFloat16, kInt8 };
+
+// Where the rows are: rows [0, n_base) at base, rows [n_base, n_base + n_tail) at tail, code_size bytes each.
+struct RerankRows {
+  const uint8_t* base = nullptr;
+  size_t n_base = 0;
+  const uint8_t* tail = nullptr;
+  size_t n_tail = 0;
+  size_t code_size = 0;
+
+  const uint8_t* row(int64_t id) const {
+    const size_t i = static_cast<size_t>(id);
+    return i < n_base ? base + i * code_size : tail + (i - n_base) * code_size;
+  }
+  size_t size() const { return n_base + n_tail; }
+};
+
+namespace detail {
+
+inline float dot_float16(const uint8_t* row, const float* q, size_t dim) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // four partial sums: lets the compiler vectorise without -ffast-math
+  size_t d = 0;
+  for (; d + 4 <= dim; d += 4)
+    for (size_t j = 0; j < 4; ++j) acc[j] += half_to_float(h[d + j]) * q[d + j];
+  for (; d < dim; ++d) acc[0] += half_to_float(h[d]) * q[d];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+inline float dot_uint8(const uint8_t* row, const float* w, size_t dim) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  size_t d = 0;
+  for (; d + 8 <= dim; d += 8)
+    for (size_t j = 0; j < 8; ++j) acc[j] += static_cast<float>(row[d + j]) * w[d + j];
+  for (; d < dim; ++d) acc[0] += static_cast<float>(row[d]) * w[d];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+}  // namespace detail
+
+// queries (nq, dim) float32; candidates (nq, r) image ids, -1 = none; starts (n_images + 1) and patch_ids: image i's
+// patch ids are patch_ids[starts[i] .. starts[i+1]). vmin/vdiff (dim each) for kInt8, unused for kFloat16.
+// Writes best (nq, r): the max score over the image's patches (-inf for -1 or an image without patches) and
+// winner (nq, r): the patch id reaching it first in CSR order (-1 likewise).
+inline void rerank_max(RerankCodec codec, size_t dim, const RerankRows& rows, const float* vmin, const float* vdiff,
+                       const int64_t* starts, size_t n_images, const int64_t* patch_ids, size_t n_patch_ids,
+                       const float* queries, size_t nq, const int64_t* candidates, size_t r, float* best,
+                       int64_t* winner, int num_threads) {
+  const size_t expected = codec == RerankCodec::kFloat16 ? 2 * dim : dim;
+  if (rows.code_size != expected)
+    throw std::invalid_argument("rerank_max: code_size " + std::to_string(rows.code_size) + " for dim " +
+                                std::to_string(dim) + " (expected " + std::to_string(expected) + ")");
+  if (codec == RerankCodec::kInt8 && (vmin == nullptr || vdiff == nullptr))
+    throw std::invalid_argument("rerank_max: int8 codes need vmin and vdiff");
+  // Every index is checked where it is used (only the shortlisted images' entries: checking all of them would
+  // cost a pass over the whole index per search); a bad one throws, named, instead of reading out of bounds.
+  const auto fail = [](const std::string& what) { throw std::out_of_range("rerank_max: " + what); };
+
+  parallel_for(0, nq, num_threads, [&](size_t qi) {
+    const float* q = queries + qi * dim;
+    std::vector<float> weights;  // int8: q_d * vdiff_d / 255
+    float constant = 0.f;
+    if (codec == RerankCodec::kInt8) {
+      weights.resize(dim);
+      double c = 0.0, wsum = 0.0;
+      for (size_t d = 0; d < dim; ++d) {
+        weights[d] = q[d] * vdiff[d] / 255.f;
+        c += static_cast<double>(q[d]) * vmin[d];
+        wsum += weights[d];
+      }
+      constant = static_cast<float>(c + 0.5 * wsum);
+    }
+    for (size_t j = 0; j < r; ++j) {
+      const int64_t image = candidates[qi * r + j];
+      float top = -std::numeric_limits<float>::infinity();
+      int64_t top_id = -1;
+      if (image >= static_cast<int64_t>(n_images))
+        fail("candidate image id " + std::to_string(image) + " >= " + std::to_string(n_images) + " images");
+      if (image >= 0) {
+        const int64_t lo = starts[image], hi = starts[image + 1];
+        if (lo < 0 || lo > hi || static_cast<size_t>(hi) > n_patch_ids)
+          fail("starts of image " + std::to_string(image) + " are not offsets into patch_ids");
+        for (int64_t p = lo; p < hi; ++p) {
+          const int64_t id = patch_ids[p];
+          if (id < 0 || static_cast<size_t>(id) >= rows.size())
+            fail("patch id " + std::to_string(id) + " has no stored row (" + std::to_string(rows.size()) + ")");
+          const float s = codec == RerankCodec::kFloat16 ? detail::dot_float16(rows.row(id), q, dim)
+                                                         : constant + detail::dot_uint8(rows.row(id), weights.data(), dim);
+          if (s > top) {
+            top = s;
+            top_id = id;
+          }
+        }
+      }
+      best[qi * r + j] = top;
+      winner[qi * r + j] = top_id;
+    }
+  });
+}
+
+}  // namespace patchify
