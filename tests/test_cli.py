@@ -33,8 +33,26 @@ def test_info_on_a_healthy_index(index_copy, capsys):
     assert main(["info", str(index_copy)]) == 0
     out = capsys.readouterr().out
     assert "6 images" in out and "30 patches" in out and "present with its size" in out
+    assert "whitening: learned on 96 4x4 cells of 6 images" in out
     assert main(["info", str(index_copy), "--verify"]) == 0
     assert "sha256 match" in capsys.readouterr().out
+
+
+def test_info_says_what_the_whitening_learned_and_how_images_are_scored(photos, tmp_path, capsys):
+    images = []
+    for path in photos[:3]:
+        with Image.open(path) as img:
+            images.append(np.asarray(img.convert("RGB").reduce(4)))
+    engine = Patchify(backbone=ThumbnailBackbone(), level=1)
+    engine.add_images(images)  # 3 x 16 learning cells, 15 patches: fewer than min_vectors
+    assert main(["info", str(engine.save(tmp_path / "pending"))]) == 0
+    out = capsys.readouterr().out
+    assert "whitening: pending" in out and "scoring: plain max over patches" in out
+    engine.add_images(images * 4)  # this add's 12 images give 192 learning cells: learned on them
+    assert main(["info", str(engine.save(tmp_path / "learned"))]) == 0
+    out = capsys.readouterr().out
+    assert "whitening: learned on 192 4x4 cells of 12 images (power -0.5, shrinkage 0.3" in out
+    assert "scoring: 0.25 x whole-image score + 0.75 x best patch score" in out
 
 
 @pytest.mark.parametrize("verify", [False, True])

@@ -242,11 +242,12 @@ def test_changed_nprobe_survives_save_and_load(thumbnail_backbone, photos, tmp_p
 def test_add_embeddings_indexes_precomputed_vectors_like_add_images(thumbnail_backbone, photos):
     from patchify import AddReport, Encoder, TilingConfig
 
-    direct = Patchify(backbone=thumbnail_backbone, level=2)
+    # Raw vectors: this is about the plumbing (the whitening's learning set has its own tests)
+    direct = Patchify(backbone=thumbnail_backbone, level=2, whitening="none")
     direct.add_images(photos[:5])
     encoder = Encoder(thumbnail_backbone, TilingConfig.for_level(3))  # finer than needed: keep the L0..L2 rows
     batches = list(encoder.encode_images(photos[:5], AddReport()))
-    via = Patchify(backbone=thumbnail_backbone, level=2)
+    via = Patchify(backbone=thumbnail_backbone, level=2, whitening="none")
     for batch in batches:
         rows = np.isin(batch.patches.grid, via.grids)
         via.add_embeddings(batch.vectors[rows], batch.patches.select(rows), batch.images)

@@ -144,14 +144,18 @@ def test_engine_learns_at_first_add_and_searches_in_whitened_space(thumbnail_bac
     w = engine.whitening
     assert w is not None and w.learned_on_vectors == 500 and w.learned_on_images == 100
     assert engine.effective_global_weight == DEFAULT_GLOBAL_WEIGHT
-    query = vectors[7]  # a patch of image 1 (rows 5..9)
+    query = vectors[5]  # image 1's whole-image patch (rows 5..9 are image 1's)
     hits = engine.search(query, k=3)
-    assert hits[0].image_id == 1 and hits[0].patch_id == 7
+    assert hits[0].image_id == 1 and hits[0].patch_id == 5
+    assert hits[0].score == pytest.approx(1.0, abs=2e-3)  # both terms are 1; the global vector is held as float16
     whitened = w.apply(vectors)
-    expected = DEFAULT_GLOBAL_WEIGHT * float(whitened[7] @ whitened[5]) + (1 - DEFAULT_GLOBAL_WEIGHT) * 1.0
-    assert hits[0].score == pytest.approx(expected, abs=2e-3)  # global vector held as float16
+    second = hits[1]
+    rows = np.flatnonzero(table.image == second.image_id)
+    expected = DEFAULT_GLOBAL_WEIGHT * float(whitened[5] @ whitened[rows[0]]) + \
+        (1 - DEFAULT_GLOBAL_WEIGHT) * float((whitened[rows] @ whitened[5]).max())
+    assert second.score == pytest.approx(expected, abs=2e-3)
     engine.global_weight = 0.0  # the paper's plain max: a whitened cosine, 1 for the patch itself
-    assert engine.search(query, k=1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert engine.search(vectors[7], k=1)[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_small_first_adds_hold_raw_vectors_until_min_vectors_then_learn_on_all(thumbnail_backbone):
@@ -278,11 +282,23 @@ def test_older_indexes_keep_the_plain_max_and_refuse_fusion(thumbnail_backbone):
         engine.global_weight = 0.25
 
 
-def test_add_images_reports_when_the_whitening_is_learned(thumbnail_backbone, photos):
+def test_add_images_learns_on_the_4x4_cells_and_reports_it(thumbnail_backbone, photos):
     engine = Patchify(backbone=thumbnail_backbone, level=2)
-    first = engine.add_images(photos[:3])  # 42 patches: fewer than min_vectors
+    first = engine.add_images(photos[:3])  # 3 x 16 learning cells, 42 patches: fewer than min_vectors (64)
     assert first.notes == [] and engine.whitening is None
-    second = engine.add_images(photos[3:8])
-    assert len(second.notes) == 1 and "whitening learned on 112 patches" in second.notes[0]
-    assert "whitening learned on 112 patches" in str(second)
+    second = engine.add_images(photos[3:8])  # this add's 5 images give 80 cells
+    assert len(second.notes) == 1 and "whitening learned on 80 4x4 cells of 5 images" in second.notes[0]
+    assert "whitening learned on 80 4x4 cells" in str(second)
     assert engine.add_images(photos[8:9]).notes == []  # kept, not re-learned
+    # The same cells through add_embeddings: the same whitening.
+    from patchify import AddReport, Encoder, TilingConfig
+
+    encoded = list(Encoder(thumbnail_backbone, TilingConfig(grids=(4,))).encode_images(photos[3:8], AddReport()))
+    reference = Whitening.learn(np.concatenate([b.vectors for b in encoded]), WhiteningConfig())
+    np.testing.assert_allclose(engine.whitening.projection, reference.projection, atol=1e-5)
+    # At L3 the index's own 4x4 cells serve: no second pass over the images.
+    calls = thumbnail_backbone.calls
+    fine = Patchify(backbone=thumbnail_backbone, level=3)
+    fine.add_images(photos[:4])
+    assert fine.whitening.learned_from == "4x4 cells" and fine.whitening.learned_on_vectors == 64
+    assert thumbnail_backbone.calls - calls <= 4  # one pass: 120 patches in batches of 32

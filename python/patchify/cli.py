@@ -11,7 +11,8 @@ from typing import Any, Sequence
 from .errors import PatchifyError
 
 from . import store
-from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL, FlatConfig, IVFPQConfig
+from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL,
+                     RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig)
 from .engine import Patchify
 
 
@@ -78,14 +79,16 @@ def _whitening_summary(whitening: Any, config: Any, n_patches: int) -> str:
     stale = ""
     if whitening.learned_on_vectors < n_patches // 2:
         stale = "; the index has grown since: Patchify.relearn_whitening() learns on everything"
-    return (f"learned on {whitening.learned_on_vectors:,} patches of {whitening.learned_on_images:,} images "
+    return (f"learned on {whitening.learned_on_vectors:,} {whitening.learned_from} of "
+            f"{whitening.learned_on_images:,} images "
             f"(power {config.power}, shrinkage {config.shrinkage}, {whitening.input_dim}->{whitening.output_dim} "
             f"dims){stale}")
 
 
 def _index_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The index options given on the command line (None = the config's default)."""
-    names = ("dtype", "nlist", "m", "nbits", "nprobe", "training_source")
+    names = ("dtype", "nlist", "m", "nbits", "nprobe", "training_source", "rerank", "rerank_shortlist",
+             "rerank_storage")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -133,7 +136,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"whitening: pending ({whitening['config']})")
     else:
         config = whitening["config"]
-        print(f"whitening: learned on {whitening['learned_on_vectors']:,} patches of "
+        source = whitening.get("learned_from", "patches")
+        print(f"whitening: learned on {whitening['learned_on_vectors']:,} {source} of "
               f"{whitening['learned_on_images']:,} images (power {config['power']}, shrinkage {config['shrinkage']}, "
               f"{whitening['input_dim']}->{whitening['output_dim']} dims)")
     weight = manifest.get("scoring", {}).get("global_weight", 0.0)
@@ -207,6 +211,15 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--training-source", dest="training_source", default=None,
                        choices=["all", "salient"],
                        help=f"IVFPQ training vectors (default {IVFPQConfig.training_source})")
+    group.add_argument("--rerank", choices=["int8", "float16", "none"], default=None,
+                       help=f"IVFPQ second stage: re-score the shortlisted images' patches from int8 or float16 "
+                            f"copies, or none (default {IVFPQConfig.rerank})")
+    group.add_argument("--rerank-shortlist", dest="rerank_shortlist", type=int, default=None,
+                       help=f"images the IVFPQ first stage hands to the second (default: {RERANK_SHORTLIST_FACTOR} x "
+                            f"k, at least {RERANK_MIN_SHORTLIST})")
+    group.add_argument("--rerank-storage", dest="rerank_storage", choices=["ram", "mmap"], default=None,
+                       help=f"re-rank copies in RAM or memory-mapped from the index folder once loaded "
+                            f"(default {IVFPQConfig.rerank_storage})")
     group.add_argument("--whitening", choices=["learned", "none"], default="learned",
                        help="PCA whitening learned on the indexed patches (default), or raw cosines")
     group.add_argument("--global-weight", dest="global_weight", type=float, default=None,
@@ -214,10 +227,20 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
                             f"(default: {DEFAULT_GLOBAL_WEIGHT} with whitening, 0 without)")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" except where the default is None: those options' help says their default itself (it
+    lives in patchify.config, and None means "the config's")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchify", description="Patch-wise instance retrieval")
     sub = parser.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _DefaultsFormatter
 
     index = sub.add_parser("index", help="index a folder of images", formatter_class=formatter)
     index.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")

@@ -44,8 +44,7 @@ class EmbeddingCache:
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.npz"
 
-    def get(self, key: str, grids: Sequence[int]) -> tuple[np.ndarray, int, int] | None:
-        """(vectors for `grids` in that order, width, height), or None when any grid is missing."""
+    def _read(self, key: str) -> tuple[list[int], np.ndarray, int, int] | None:
         path = self._path(key)
         if not path.is_file():
             return None
@@ -56,13 +55,34 @@ class EmbeddingCache:
                 width, height = (int(v) for v in entry["size"])
         except (OSError, ValueError, KeyError):
             return None  # a damaged entry is a miss; the next put rewrites it
-        if not set(grids) <= set(cached_grids):
+        if len(vectors) != sum(g * g for g in cached_grids):
             return None
+        return cached_grids, vectors, width, height
+
+    @staticmethod
+    def _rows(cached_grids: Sequence[int], grids: Sequence[int]) -> np.ndarray:
         starts = np.cumsum([0] + [g * g for g in cached_grids])
-        rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in (cached_grids.index(g) for g in grids)])
-        return vectors[rows], width, height
+        return np.concatenate([np.arange(starts[i], starts[i + 1]) for i in (list(cached_grids).index(g)
+                                                                             for g in grids)])
+
+    def get(self, key: str, grids: Sequence[int]) -> tuple[np.ndarray, int, int] | None:
+        """(vectors for `grids` in that order, width, height), or None when any grid is missing."""
+        entry = self._read(key)
+        if entry is None or not set(grids) <= set(entry[0]):
+            return None
+        cached_grids, vectors, width, height = entry
+        return vectors[self._rows(cached_grids, grids)], width, height
 
     def put(self, key: str, grids: Sequence[int], vectors: np.ndarray, width: int, height: int) -> None:
+        """Stores `grids`' vectors, keeping the other grids an existing entry for this image holds (e.g. the 4x4
+        cells a whitening learned from, next to the indexed levels)."""
+        entry = self._read(key)
+        if entry is not None and entry[2:] == (width, height) and not set(entry[0]) <= set(grids):
+            old_grids, old_vectors = entry[0], entry[1]
+            merged = sorted(set(old_grids) | set(grids))
+            parts = [vectors[self._rows(grids, [g])] if g in grids else old_vectors[self._rows(old_grids, [g])]
+                     for g in merged]
+            grids, vectors = merged, np.concatenate(parts)
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.npz")

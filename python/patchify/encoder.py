@@ -127,6 +127,22 @@ class Encoder:
                          f"{preprocess.input_size} px only (a fixed-size export)")
 
     # ------------------------------------------------------------------ database images
+    def encode_grid_cells(self, sources: Sequence[ImageSource], grid: int, max_images: int, *,
+                          progress: bool = False) -> tuple[np.ndarray, int]:
+        """Vectors of the grid x grid cells of (up to) the first `max_images` sources, e.g. to learn a whitening
+        from, not to index: same backbone, preprocessing and embedding cache, this tiling's overlap. Unusable
+        sources are passed over silently (the indexing pass reports them). Returns (vectors, images encoded)."""
+        tiling = TilingConfig(grids=(grid,), overlap=self.tiling.overlap, input_size=self.tiling.input_size)
+        cells = Encoder(self.backbone, tiling, batch_size=self.batch_size, num_threads=self.num_threads,
+                        embedding_cache=self._cache_setting, log=self._log)
+        vectors, n_images = [], 0
+        for batch in cells.encode_images(list(sources)[:max_images], AddReport(), progress=progress):
+            vectors.append(batch.vectors)
+            n_images += len(batch.images)
+        if not vectors:
+            return np.zeros((0, 0), np.float32), 0
+        return np.concatenate(vectors), n_images
+
     def encode_images(self, sources: Sequence[ImageSource], report: AddReport, *,
                       progress: bool = False) -> Iterator[EncodedBatch]:
         """Encodes `sources` chunk by chunk (a chunk holds about `batch_size` patches), in input order. Unusable

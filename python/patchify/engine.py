@@ -26,7 +26,7 @@ from .images import ImageSource, list_image_files
 from .index.base import check_k
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
 from .training import select_training_vectors
-from .whitening import Whitening
+from .whitening import LearningSet, Whitening
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -224,6 +224,7 @@ class Patchify:
         learned_before, staged_before = self._whitening, self.exact_until_trained
         pending: list[EncodedBatch] = []  # only while the index waits for enough vectors to learn from
         show = self.progress if progress is None else progress
+        learning = self._encode_learning_cells(items, show)
         for batch in self._encoder.encode_images(items, report, progress=show):
             report.from_cache += batch.from_cache
             if self._needs_learning():
@@ -231,12 +232,12 @@ class Patchify:
                 if sum(len(b.vectors) for b in pending) < TRAINING_BUFFER:
                     continue
                 batch, pending = EncodedBatch.merge(pending), []
-            self._add_batch(batch, report)
+            self._add_batch(batch, report, learning)
         if pending:
-            self._add_batch(EncodedBatch.merge(pending), report)
+            self._add_batch(EncodedBatch.merge(pending), report, learning)
         if learned_before is None and self._whitening is not None:
             w = self._whitening
-            report.notes.append(f"whitening learned on {w.learned_on_vectors:,} patches of "
+            report.notes.append(f"whitening learned on {w.learned_on_vectors:,} {w.learned_from} of "
                                 f"{w.learned_on_images:,} images in {w.seconds:.2f} s")
         need = self.exact_until_trained
         if need is not None:
@@ -256,17 +257,33 @@ class Patchify:
             return isinstance(self._index_config, IVFPQConfig)
         return not self._index.is_trained
 
-    def _add_batch(self, batch: EncodedBatch, report: AddReport) -> None:
+    def _encode_learning_cells(self, items: Sequence[ImageSource], progress: bool) -> LearningSet | None:
+        """The whitening's learning cells (WhiteningConfig.learn_grid) of the first learn_images sources, when the
+        whitening is still to learn and the index does not hold that grid itself; else None."""
+        config = self._whitening_config
+        if self._whitening is not None or config is None or config.learn_grid is None or \
+                config.learn_grid in self.grids:
+            return None
+        grid = config.learn_grid
+        vectors, n_images = self._encoder.encode_grid_cells(items, grid, config.learn_images, progress=progress)
+        return LearningSet(vectors, n_images, f"{grid}x{grid} cells") if len(vectors) else None
+
+    def _add_batch(self, batch: EncodedBatch, report: AddReport, learning: LearningSet | None = None) -> None:
         started = time.perf_counter()
-        ids = self.add_embeddings(batch.vectors, batch.patches, batch.images)
+        ids = self.add_embeddings(batch.vectors, batch.patches, batch.images, whitening_vectors=learning)
         report.image_ids.extend(ids)
         report.n_patches += len(batch.vectors)
         report.timings["index"] += time.perf_counter() - started
 
-    def add_embeddings(self, vectors: np.ndarray, patches: PatchTable, images: Sequence[NewImage]) -> list[int]:
+    def add_embeddings(self, vectors: np.ndarray, patches: PatchTable, images: Sequence[NewImage], *,
+                       whitening_vectors: "np.ndarray | LearningSet | None" = None) -> list[int]:
         """Indexes precomputed patch vectors: `vectors` (n, dim) L2-normalised, `patches` their table (n rows;
         `patches.image` = position in `images`; grids must be among this engine's), `images` the new images' names
-        and sizes. Returns the new image ids. Nothing is changed when the call fails."""
+        and sizes. Returns the new image ids. Nothing is changed when the call fails.
+
+        whitening_vectors: what the whitening learns from if this call learns it (backbone vectors, e.g. the
+        WhiteningConfig.learn_grid cells of some of these images); default: the learn_grid rows of `patches`
+        when the engine indexes that grid, else all of `vectors`."""
         if not isinstance(patches, PatchTable):
             raise ValueError(f"patches must be a PatchTable, got {type(patches).__name__}")
         images = list(images)
@@ -290,9 +307,11 @@ class Patchify:
         whitening, config = self._whitening, self._whitening_config
         held = self._index.ntotal if self._index is not None else 0
         trains_now = self._trains_ivfpq_now(held + len(vectors))
-        if whitening is None and config is not None and held == 0 and (len(vectors) >= config.min_vectors
-                                                                        or trains_now):
-            whitening = Whitening.learn(vectors, config, n_images=len(images))
+        if whitening is None and config is not None and held == 0:
+            learning = _learning_set(config, vectors, patches, len(images), whitening_vectors)
+            if len(learning.vectors) >= config.min_vectors or trains_now:
+                whitening = Whitening.learn(learning.vectors, config, n_images=learning.n_images,
+                                            learned_from=learning.description)
         if whitening is not None:
             vectors = whitening.apply(vectors)
         index = self._index
@@ -327,10 +346,15 @@ class Patchify:
         self._images.extend(ImageRecord(first_image + i, image.name, int(image.width), int(image.height))
                             for i, image in enumerate(images))
         self._patches.append(patches.with_image(image_ids))
-        if self._whitening is None and config is not None and isinstance(index.config, FlatConfig) and \
-                index.ntotal >= config.min_vectors:
-            # A flat index that reached min_vectors over several adds: learn on everything it holds now.
-            self.relearn_whitening(config)
+        if self._whitening is None and config is not None and isinstance(index.config, FlatConfig):
+            # A flat index holding raw vectors until it had enough to learn from (the first adds were small):
+            # learn now on the learning vectors given, else on everything it holds.
+            given = None if whitening_vectors is None else _learning_set(config, vectors, patches, len(images),
+                                                                         whitening_vectors)
+            if given is not None and len(given.vectors) >= config.min_vectors:
+                self.relearn_whitening(config, whitening_vectors=given)
+            elif index.ntotal >= config.min_vectors:
+                self.relearn_whitening(config)
         return list(range(first_image, len(self._images)))
 
     @property
@@ -372,13 +396,15 @@ class Patchify:
             return self.training_vectors
         return whitening.apply(self.training_vectors)
 
-    def relearn_whitening(self, config: WhiteningConfig | None = None) -> Whitening:
+    def relearn_whitening(self, config: WhiteningConfig | None = None, *,
+                          whitening_vectors: "np.ndarray | LearningSet | None" = None) -> Whitening:
         """Learns the whitening again on every patch the index holds now (after many adds, the first add's sample
         may no longer represent the database) and re-indexes them; `config` changes its settings (default: the
         current ones; this also whitens an index built with whitening="none"). Flat indexes only, and only with
         every dimension kept: the stored vectors are turned back into the backbone's exactly
         (`Whitening.recover`), so no image is read. An IVFPQ index holds codes trained in the old space: rebuild
-        it instead. Returns the new whitening; the index is unchanged when this fails."""
+        it instead. whitening_vectors: backbone vectors to learn from instead of the stored patches (as in
+        add_embeddings). Returns the new whitening; the index is unchanged when this fails."""
         from .index.flat import FlatIndex
 
         config = config or self._whitening_config or DEFAULT_WHITENING
@@ -398,7 +424,10 @@ class Patchify:
         stored, patch_ids = index.stored_vectors()
         raw = stored.astype(np.float32) if self._whitening is None else self._whitening.recover(stored)
         image_ids = self._patches.image[patch_ids]
-        whitening = Whitening.learn(raw, config, n_images=self.n_images)
+        learning = _learning_set(config, raw, self._patches.select(patch_ids), self.n_images, whitening_vectors,
+                                 limit=False)
+        whitening = Whitening.learn(learning.vectors, config, n_images=learning.n_images,
+                                    learned_from=learning.description)
         whitened = whitening.apply(raw)
         rebuilt = FlatIndex(whitened.shape[1], dtype=index.dtype, num_threads=index.num_threads)
         rebuilt.add(whitened, patch_ids, image_ids)
@@ -526,6 +555,28 @@ class Patchify:
                         saved.patches, saved.backbone, saved.whitening_config, saved.whitening,
                         saved.global_descriptors, saved.global_weight)
         return engine
+
+
+def _learning_set(config: WhiteningConfig, vectors: np.ndarray, patches: PatchTable, n_images: int,
+                  given: "np.ndarray | LearningSet | None", *, limit: bool = True) -> LearningSet:
+    """What a whitening learns from: the vectors given, else the rows of config.learn_grid (of the first
+    learn_images images unless not `limit`) when there are enough of them, else every vector."""
+    if given is not None:
+        learning = given if isinstance(given, LearningSet) else LearningSet(np.asarray(given, np.float32), n_images,
+                                                                            "given vectors")
+        if learning.vectors.ndim != 2 or learning.vectors.shape[1] != vectors.shape[1]:
+            raise ValueError(f"whitening_vectors must be (n, {vectors.shape[1]}) like the patch vectors, got shape "
+                             f"{learning.vectors.shape}")
+        return learning
+    grid = config.learn_grid
+    if grid is not None:
+        rows = patches.grid == grid
+        if limit:
+            rows &= patches.image < config.learn_images
+        if rows.sum() >= config.min_vectors:
+            images = len(np.unique(patches.image[rows]))
+            return LearningSet(vectors[rows], images, f"{grid}x{grid} cells")
+    return LearningSet(vectors, n_images, "indexed patches")
 
 
 def _whitening_setting(setting: WhiteningSetting) -> tuple[WhiteningConfig | None, Whitening | None]:

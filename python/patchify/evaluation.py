@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, IndexConfig, TilingConfig, grids_for_level
+from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, IndexConfig, TilingConfig, WhiteningConfig, grids_for_level
 from .encoder import EncodedBatch, Encoder
 from .engine import Patchify
-from .records import AddReport
+from .records import AddReport, PatchTable
+from .whitening import LearningSet
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -131,14 +132,18 @@ def evaluate_levels(
     log(f"encoded {len(images)} database images ({len(vectors)} patches at L{levels[0]}) and "
         f"{len(queries)} queries in {run.encode_seconds:.1f} s; skipped {len(report.skipped)}")
 
+    learning: dict[Any, LearningSet | None] = {}  # the whitening's learning cells, encoded once
     for spec in indexes:
         name = spec if isinstance(spec, str) else spec.kind
         for level in levels:
             build_started = time.perf_counter()
             engine = Patchify(backbone=model, level=level, index=spec, num_threads=num_threads,
                               batch_size=batch_size, whitening=whitening, global_weight=global_weight, **settings)
+            config = engine.whitening_config
+            if config not in learning:
+                learning[config] = _learning_cells(config, encoder, dataset, vectors, patches, log)
             rows = np.isin(patches.grid, engine.grids)
-            engine.add_embeddings(vectors[rows], patches.select(rows), images)
+            engine.add_embeddings(vectors[rows], patches.select(rows), images, whitening_vectors=learning[config])
             build_seconds = time.perf_counter() - build_started
             search_started = time.perf_counter()
             hits = engine.search_batch(list(queries), k=len(images))
@@ -154,6 +159,25 @@ def evaluate_levels(
     order = list(dict.fromkeys(r.index for r in run.results))
     run.results.sort(key=lambda r: (order.index(r.index), r.level))
     return run
+
+
+def _learning_cells(config: WhiteningConfig | None, encoder: Encoder, dataset: "RetrievalDataset",
+                    vectors: np.ndarray, patches: PatchTable, log: Callable[[str], None]) -> LearningSet | None:
+    """What each level's whitening learns from, as `Patchify.add_images` would give it: the learn_grid cells of
+    the first learn_images database images (taken from the encoded patches when the finest level holds that grid,
+    else encoded now). None: no whitening, or it learns on the indexed patches."""
+    if config is None or config.learn_grid is None:
+        return None
+    grid = config.learn_grid
+    description = f"{grid}x{grid} cells"
+    if grid in encoder.tiling.grids:
+        rows = (patches.grid == grid) & (patches.image < config.learn_images)
+        return LearningSet(vectors[rows], int(len(np.unique(patches.image[rows]))), description)
+    started = time.perf_counter()
+    cells, n_images = encoder.encode_grid_cells([str(p) for p in dataset.database], grid, config.learn_images)
+    log(f"encoded the whitening's learning cells ({description} of {n_images} images) in "
+        f"{time.perf_counter() - started:.1f} s")
+    return LearningSet(cells, n_images, description) if len(cells) else None
 
 
 def write_outputs(run: EvaluationRun, out_dir: Path, dataset: "RetrievalDataset", *, report_queries: int = 4,

@@ -35,9 +35,20 @@ _BLOCK_ROWS = 16_384
 
 
 @dataclass(frozen=True)
+class LearningSet:
+    """Vectors (backbone space) to learn a whitening from, with what they are, in words ("4x4 cells", "patches")
+    and how many images they come from."""
+
+    vectors: np.ndarray
+    n_images: int
+    description: str = "vectors"
+
+
+@dataclass(frozen=True)
 class Whitening:
     """A learned whitening: `mean` (D,), `projection` (D, d), the `config` it was learned with, and what it was
-    learned on (`learned_on_vectors` patch vectors of `learned_on_images` images, in `seconds`)."""
+    learned on (`learned_on_vectors` vectors of `learned_on_images` images, described by `learned_from`, in
+    `seconds`)."""
 
     mean: np.ndarray
     projection: np.ndarray
@@ -45,6 +56,7 @@ class Whitening:
     learned_on_vectors: int
     learned_on_images: int
     seconds: float = 0.0
+    learned_from: str = "patches"
 
     @property
     def input_dim(self) -> int:
@@ -61,13 +73,13 @@ class Whitening:
 
     def __repr__(self) -> str:
         return (f"Whitening(power={self.config.power}, shrinkage={self.config.shrinkage}, "
-                f"dims={self.input_dim}->{self.output_dim}, learned_on={self.learned_on_vectors} vectors of "
-                f"{self.learned_on_images} images)")
+                f"dims={self.input_dim}->{self.output_dim}, learned on {self.learned_on_vectors} {self.learned_from} "
+                f"of {self.learned_on_images} images)")
 
     # ------------------------------------------------------------------ learning
     @classmethod
     def learn(cls, vectors: np.ndarray, config: WhiteningConfig | None = None, *, n_images: int | None = None,
-              seed: int = 0) -> "Whitening":
+              learned_from: str = "patches", seed: int = 0) -> "Whitening":
         """Learns mean and axes from (n, D) vectors (n >= 2; a uniform sample of config.max_vectors rows when more).
         With shrinkage > 0 any n works: the shrinkage keeps the scales finite where n < D."""
         config = config or WhiteningConfig()
@@ -102,7 +114,7 @@ class Whitening:
         keep = config.dims or dim
         projection = (axes[:, :keep] * scales[:keep]).astype(np.float32)
         return cls(mean.astype(np.float32), np.ascontiguousarray(projection), config, int(len(vectors)),
-                   int(n_images) if n_images is not None else 0, time.perf_counter() - started)
+                   int(n_images) if n_images is not None else 0, time.perf_counter() - started, learned_from)
 
     # ------------------------------------------------------------------ applying
     def apply(self, vectors: np.ndarray) -> np.ndarray:
@@ -140,7 +152,8 @@ class Whitening:
     def describe(self) -> dict[str, Any]:
         """What the manifest (and `patchify info`) says about it."""
         return {"config": self.config.to_dict(), "input_dim": self.input_dim, "output_dim": self.output_dim,
-                "learned_on_vectors": self.learned_on_vectors, "learned_on_images": self.learned_on_images}
+                "learned_on_vectors": self.learned_on_vectors, "learned_on_images": self.learned_on_images,
+                "learned_from": self.learned_from}
 
     def save_file(self, directory: Path) -> str:
         np.savez(Path(directory) / WHITENING_FILE, mean=self.mean, projection=self.projection)
@@ -161,4 +174,5 @@ class Whitening:
                 not (np.isfinite(mean).all() and np.isfinite(projection).all()):
             raise IndexFormatError(f"{path}: whitening arrays of shapes {mean.shape}, {projection.shape} do not "
                                    "match the manifest")
-        return cls(mean.astype(np.float32), np.ascontiguousarray(projection, np.float32), config, *learned_on)
+        return cls(mean.astype(np.float32), np.ascontiguousarray(projection, np.float32), config, *learned_on,
+                   learned_from=str(description.get("learned_from", "patches")))
