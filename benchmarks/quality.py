@@ -108,16 +108,17 @@ def build_engine(data: "sets_module.EncodedSet", level: int, options: dict[str, 
     from patchify import Patchify
     from patchify.records import NewImage, PatchTable
 
-    from patchify.whitening import LearningSet
+    from patchify.whitening import LearningSet, learning_images
 
     engine = Patchify(level=level, **options)
     keep = np.flatnonzero(data.grid <= level + 1)
-    # What add_images would learn the whitening from: the learn_grid cells of the first learn_images images.
+    # What add_images would learn the whitening from: the learn_grid cells of learn_images images spread over all.
     config = engine.whitening_config
     learning = None
     if config is not None and config.learn_grid is not None:
-        rows = (data.grid == config.learn_grid) & (data.image < config.learn_images)
-        learning = LearningSet(data.vectors[rows], int(min(data.n_images, config.learn_images)),
+        chosen = learning_images(data.n_images, config.learn_images)
+        rows = (data.grid == config.learn_grid) & np.isin(data.image, chosen)
+        learning = LearningSet(data.vectors[rows], len(chosen),
                                f"{config.learn_grid}x{config.learn_grid} cells")
     # Patch boxes as int32 (x0, y0, x1, y1), cells only matter for display.
     table = PatchTable(data.image[keep], data.boxes[keep].astype(np.int32), data.grid[keep],

@@ -212,13 +212,13 @@ class WhiteningConfig:
     searches raw vectors), so that a service adding one image at a time does not whiten by its first image; an IVFPQ
     index learns when it trains.
 
-    learn_grid: the whitening learns from the cells of this grid (4: the 4x4 cells), encoded for up to learn_images
-    images of the add that learns it, whatever grids the index holds (when the index holds that grid, its own cells
-    serve); None: from the indexed patches. Small cells show local appearance rather than whole scenes, and a
-    whitening learned on them keeps what tells objects apart: on GroceryStore (a database of near-identical shelf
-    photos) mAP at L2 is 0.29 against 0.20 when learned on the indexed patches, at no cost on the other sets. The
-    one-time price is learn_images x learn_grid^2 extra backbone passes (4,096 by default). Defaults chosen on real
-    photos: benchmarks/RESULTS.md, "Retrieval quality"."""
+    learn_grid: the whitening learns from the cells of this grid (4: the 4x4 cells), encoded for learn_images
+    images spread over the add that learns it, whatever grids the index holds (when the index holds that grid, its
+    own cells serve); None: from the indexed patches. Small cells show local appearance rather than whole scenes,
+    and a whitening learned on them keeps what tells objects apart: on GroceryStore (a database of near-identical
+    shelf photos) mAP at L2 is 0.29 against 0.20 when learned on the indexed patches, at no cost on the other sets.
+    The one-time price is up to learn_images x learn_grid^2 extra backbone passes (4,096 by default). Defaults
+    chosen on real photos: benchmarks/RESULTS.md, "Retrieval quality"."""
 
     power: float = -0.5
     shrinkage: float = 0.3

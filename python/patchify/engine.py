@@ -26,7 +26,7 @@ from .images import ImageSource, list_image_files
 from .index.base import check_k
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
 from .training import select_training_vectors
-from .whitening import LearningSet, Whitening
+from .whitening import LearningSet, Whitening, learning_images
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -53,7 +53,8 @@ class Patchify:
     ("IVF1024,PQ48x8") or an index config; `index_settings` (dtype; nlist, m, nbits, nprobe, training_source)
     override its fields. training_vectors: for training_source "given" / "gt-aligned".
 
-    whitening: "learned" (default: PCA whitening learned on the patches of the first add, see patchify.whitening),
+    whitening: "learned" (default: PCA whitening learned at the first add, on the 4x4 cells of up to 256 of its
+    images; see patchify.whitening and WhiteningConfig),
     a WhiteningConfig (learned with those settings), a Whitening learned elsewhere (used as is), or "none" (the
     paper's raw cosines). global_weight: image score = w * whole-image score + (1 - w) * best patch score
     (0 = the plain max; None = DEFAULT_GLOBAL_WEIGHT once the index is whitened, 0 while it holds raw cosines); a
@@ -258,14 +259,15 @@ class Patchify:
         return not self._index.is_trained
 
     def _encode_learning_cells(self, items: Sequence[ImageSource], progress: bool) -> LearningSet | None:
-        """The whitening's learning cells (WhiteningConfig.learn_grid) of the first learn_images sources, when the
+        """The whitening's learning cells (WhiteningConfig.learn_grid) of learn_images sources spread over all, when the
         whitening is still to learn and the index does not hold that grid itself; else None."""
         config = self._whitening_config
         if self._whitening is not None or config is None or config.learn_grid is None or \
                 config.learn_grid in self.grids:
             return None
         grid = config.learn_grid
-        vectors, n_images = self._encoder.encode_grid_cells(items, grid, config.learn_images, progress=progress)
+        chosen = [items[i] for i in learning_images(len(items), config.learn_images)]
+        vectors, n_images = self._encoder.encode_grid_cells(chosen, grid, len(chosen), progress=progress)
         return LearningSet(vectors, n_images, f"{grid}x{grid} cells") if len(vectors) else None
 
     def _add_batch(self, batch: EncodedBatch, report: AddReport, learning: LearningSet | None = None) -> None:
@@ -559,8 +561,8 @@ class Patchify:
 
 def _learning_set(config: WhiteningConfig, vectors: np.ndarray, patches: PatchTable, n_images: int,
                   given: "np.ndarray | LearningSet | None", *, limit: bool = True) -> LearningSet:
-    """What a whitening learns from: the vectors given, else the rows of config.learn_grid (of the first
-    learn_images images unless not `limit`) when there are enough of them, else every vector."""
+    """What a whitening learns from: the vectors given, else the rows of config.learn_grid (of learn_images images
+    spread over the batch, unless not `limit`) when there are enough of them, else every vector."""
     if given is not None:
         learning = given if isinstance(given, LearningSet) else LearningSet(np.asarray(given, np.float32), n_images,
                                                                             "given vectors")
@@ -572,7 +574,7 @@ def _learning_set(config: WhiteningConfig, vectors: np.ndarray, patches: PatchTa
     if grid is not None:
         rows = patches.grid == grid
         if limit:
-            rows &= patches.image < config.learn_images
+            rows &= np.isin(patches.image, learning_images(n_images, config.learn_images))
         if rows.sum() >= config.min_vectors:
             images = len(np.unique(patches.image[rows]))
             return LearningSet(vectors[rows], images, f"{grid}x{grid} cells")

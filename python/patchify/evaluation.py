@@ -21,7 +21,7 @@ from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, IndexConfig, TilingCon
 from .encoder import EncodedBatch, Encoder
 from .engine import Patchify
 from .records import AddReport, PatchTable
-from .whitening import LearningSet
+from .whitening import LearningSet, learning_images
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -164,17 +164,18 @@ def evaluate_levels(
 def _learning_cells(config: WhiteningConfig | None, encoder: Encoder, dataset: "RetrievalDataset",
                     vectors: np.ndarray, patches: PatchTable, log: Callable[[str], None]) -> LearningSet | None:
     """What each level's whitening learns from, as `Patchify.add_images` would give it: the learn_grid cells of
-    the first learn_images database images (taken from the encoded patches when the finest level holds that grid,
-    else encoded now). None: no whitening, or it learns on the indexed patches."""
+    learn_images database images spread over the list (taken from the encoded patches when the finest level holds
+    that grid, else encoded now). None: no whitening, or it learns on the indexed patches."""
     if config is None or config.learn_grid is None:
         return None
     grid = config.learn_grid
     description = f"{grid}x{grid} cells"
+    chosen = learning_images(len(dataset.database), config.learn_images)
     if grid in encoder.tiling.grids:
-        rows = (patches.grid == grid) & (patches.image < config.learn_images)
+        rows = (patches.grid == grid) & np.isin(patches.image, chosen)
         return LearningSet(vectors[rows], int(len(np.unique(patches.image[rows]))), description)
     started = time.perf_counter()
-    cells, n_images = encoder.encode_grid_cells([str(p) for p in dataset.database], grid, config.learn_images)
+    cells, n_images = encoder.encode_grid_cells([str(dataset.database[i]) for i in chosen], grid, len(chosen))
     log(f"encoded the whitening's learning cells ({description} of {n_images} images) in "
         f"{time.perf_counter() - started:.1f} s")
     return LearningSet(cells, n_images, description) if len(cells) else None

@@ -34,6 +34,15 @@ WHITENING_FILE = "whitening.npz"
 _BLOCK_ROWS = 16_384
 
 
+def learning_images(n_images: int, max_images: int) -> np.ndarray:
+    """Which of n images (positions, ascending) a whitening learns from: max_images of them evenly spaced over
+    the whole list, not the first ones: collections are often sorted by folder, i.e. by subject, and the first few
+    hundred images of one subject would teach it to flatten what tells subjects apart."""
+    if n_images <= max_images:
+        return np.arange(n_images)
+    return np.unique(np.linspace(0, n_images - 1, max_images).round().astype(np.int64))
+
+
 @dataclass(frozen=True)
 class LearningSet:
     """Vectors (backbone space) to learn a whitening from, with what they are, in words ("4x4 cells", "patches")
