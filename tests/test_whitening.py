@@ -8,7 +8,7 @@ import pytest
 from patchify import Patchify
 from patchify.config import DEFAULT_GLOBAL_WEIGHT, WhiteningConfig
 from patchify.errors import IndexFormatError
-from patchify.fusion import GlobalDescriptors, fused_search
+from patchify.fusion import fold, unfold
 from patchify.records import NewImage, PatchTable
 from patchify.whitening import Whitening
 
@@ -90,50 +90,43 @@ def test_learning_needs_two_vectors_and_valid_settings():
 
 
 # ---------------------------------------------------------------------------------------------- fusion
-def _brute_force_fused(patches: np.ndarray, image: np.ndarray, whole: np.ndarray, queries: np.ndarray, k: int,
+def _brute_force_fused(patches: np.ndarray, image: np.ndarray, grid: np.ndarray, queries: np.ndarray, k: int,
                        weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """The definition, spelled out: w * <q, whole-image patch> + (1 - w) * max over the image's patches."""
     sims = queries @ patches.T
     n_images = int(image.max()) + 1
-    best = np.full((len(queries), n_images), -np.inf, np.float32)
+    fused = np.empty((len(queries), n_images), np.float32)
     for i in range(n_images):
-        best[:, i] = sims[:, image == i].max(axis=1)
-    fused = weight * (queries @ whole.T) + (1 - weight) * best
+        rows = image == i
+        whole = np.flatnonzero(rows & (grid == 1))[0]
+        fused[:, i] = weight * sims[:, whole] + (1 - weight) * sims[:, rows].max(axis=1)
     order = np.argsort(-fused, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(fused, order, axis=1), order
 
 
-@pytest.mark.parametrize("shortlist", [1, 64])
-def test_fused_search_is_exact_against_brute_force(monkeypatch, shortlist):
-    from patchify import fusion
-    from patchify.index.flat import FlatIndex
+def test_fold_and_unfold_are_inverse_and_keep_the_whole_image_row():
+    vectors, table, _ = _images(30, seed=5)
+    folded = fold(vectors, table.grid, table.image, 0.3)
+    np.testing.assert_array_equal(folded[table.grid == 1], vectors[table.grid == 1])
+    np.testing.assert_allclose(unfold(folded, table.grid, table.image, 0.3), vectors, atol=1e-6)
+    assert fold(vectors, table.grid, table.image, 0.0) is vectors
 
-    monkeypatch.setattr(fusion, "MIN_SHORTLIST", shortlist)  # 1: forces the shortlist to grow
-    monkeypatch.setattr(fusion, "SHORTLIST_FACTOR", 1)
+
+@pytest.mark.parametrize("weight", [0.1, 0.25, 0.6])
+def test_fused_search_equals_the_definition(thumbnail_backbone, weight):
+    engine = _engine(thumbnail_backbone, whitening="none", global_weight=weight)
     vectors, table, images = _images(300, seed=5)
-    index = FlatIndex(DIM)
-    index.add(vectors, np.arange(len(vectors)), table.image)
-    whole = vectors[table.grid == 1]
-    descriptors = GlobalDescriptors(DIM)
-    descriptors.append(300, np.arange(300), whole)
+    engine.add_embeddings(vectors, table, images)
     queries = _anisotropic(40, seed=6)
-    scores, ids, patch_ids = fused_search(index.search, queries, 10, 0.4, descriptors, 300)
-    ref_scores, ref_ids = _brute_force_fused(vectors, table.image, whole.astype(np.float16).astype(np.float32),
-                                             queries, 10, 0.4)
+    scores, ids, patch_ids = engine.search_vectors(queries, 10)
+    ref_scores, ref_ids = _brute_force_fused(vectors, table.image, table.grid, queries, 10, weight)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
-    assert (ids == ref_ids).mean() > 0.99  # float16 global vectors: ties may swap
-    assert (table.image[patch_ids] == ids).all()
-
-
-def test_fused_search_pads_like_an_index_when_k_exceeds_images():
-    from patchify.index.flat import FlatIndex
-
-    vectors, table, _ = _images(3, seed=1)
-    index = FlatIndex(DIM)
-    index.add(vectors, np.arange(len(vectors)), table.image)
-    descriptors = GlobalDescriptors(DIM)
-    descriptors.append(3, np.arange(3), vectors[table.grid == 1])
-    scores, ids, _ = fused_search(index.search, _anisotropic(2, 9), 10, 0.25, descriptors, 3)
-    assert scores.shape == ids.shape == (2, 3) and (ids >= 0).all()
+    assert (ids == ref_ids).mean() > 0.99  # float rounding may swap exact ties
+    # The winning patch is the plain max's: the fusion adds the same amount to every patch of an image.
+    sims = queries @ vectors.T
+    for q in range(len(queries)):
+        rows = np.flatnonzero(table.image == ids[q, 0])
+        assert patch_ids[q, 0] == rows[sims[q, rows].argmax()]
 
 
 # ---------------------------------------------------------------------------------------------- the engine
@@ -237,6 +230,25 @@ def test_whitening_none_and_a_given_whitening(thumbnail_backbone):
         Patchify(backbone=thumbnail_backbone, grids=[2, 3], global_weight=0.5)
 
 
+def test_changing_the_global_weight_refolds_a_flat_index_and_is_refused_by_ivfpq(thumbnail_backbone):
+    vectors, table, images = _images(400, seed=0)
+    changed = _engine(thumbnail_backbone, global_weight=0.25)
+    changed.add_embeddings(vectors, table, images)
+    changed.global_weight = 0.5
+    built = _engine(thumbnail_backbone, global_weight=0.5)
+    built.add_embeddings(vectors, table, images)
+    queries = _anisotropic(10, seed=4)
+    for a, b in zip(changed.search_vectors(queries, 5), built.search_vectors(queries, 5)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    changed.global_weight = 0.0  # back to the plain max
+    assert changed.search(vectors[7], k=1)[0].score == pytest.approx(1.0, abs=1e-5)
+    ivfpq = _engine(thumbnail_backbone, index="ivfpq", nlist=2, m=4, nbits=4)
+    ivfpq.add_embeddings(vectors, table, images)
+    with pytest.raises(ValueError, match="rebuild"):
+        ivfpq.global_weight = 0.5
+    assert ivfpq.effective_global_weight == DEFAULT_GLOBAL_WEIGHT
+
+
 def test_removed_images_never_come_back_through_fusion(thumbnail_backbone):
     engine = _engine(thumbnail_backbone)
     vectors, table, images = _images(100, seed=0)
@@ -270,16 +282,22 @@ def test_whitening_fusion_and_pending_state_survive_save_and_load(thumbnail_back
         Patchify.load(tmp_path / "a", backbone=thumbnail_backbone, verify=True)
 
 
-def test_older_indexes_keep_the_plain_max_and_refuse_fusion(thumbnail_backbone):
+def test_older_indexes_keep_the_plain_max_and_can_fuse_when_flat(thumbnail_backbone):
     from pathlib import Path
 
     from conftest import ThumbnailBackbone
+    from fixtures.make_index_fixtures import query
 
-    saved = Path(__file__).resolve().parent / "fixtures" / "indices" / "v2" / "flat"
-    engine = Patchify.load(saved, backbone=ThumbnailBackbone())  # type: ignore[arg-type]
-    assert engine.whitening is None and engine.effective_global_weight == 0.0
+    saved = Path(__file__).resolve().parent / "fixtures" / "indices" / "v2"
+    flat = Patchify.load(saved / "flat", backbone=ThumbnailBackbone())  # type: ignore[arg-type]
+    assert flat.whitening is None and flat.effective_global_weight == 0.0
+    plain = flat.search(query(), k=3)
+    flat.global_weight = 0.25  # raw vectors, but the whole-image rows are there: re-folded
+    fused = flat.search(query(), k=3)
+    assert fused[0].score != pytest.approx(plain[0].score)
+    ivfpq = Patchify.load(saved / "ivfpq", backbone=ThumbnailBackbone())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rebuild"):
-        engine.global_weight = 0.25
+        ivfpq.global_weight = 0.25
 
 
 def test_add_images_learns_on_the_4x4_cells_and_reports_it(thumbnail_backbone, photos):

@@ -21,7 +21,7 @@ from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT
                      MAX_TRAINING_VECTORS, FlatConfig, IndexConfig, IVFPQConfig, TilingConfig, WhiteningConfig,
                      check_global_weight, index_config)
 from .encoder import EncodedBatch, Encoder
-from .fusion import GlobalDescriptors, fused_search
+from .fusion import fold, unfold
 from .images import ImageSource, list_image_files
 from .index.base import check_k
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
@@ -93,8 +93,7 @@ class Patchify:
                  images: list[ImageRecord] | None = None, patches: PatchTable | None = None,
                  saved_backbone: store.BackboneRecord | None = None,
                  whitening_config: WhiteningConfig | None = None, whitening: Whitening | None = None,
-                 global_descriptors: GlobalDescriptors | None = None,
-                 global_weight: float | None = None) -> None:
+                 global_weight: float | None = None, folded_weight: float = 0.0) -> None:
         """The engine's state, in one place for both construction and `load`."""
         self._encoder = encoder
         self._index_config = config
@@ -102,9 +101,10 @@ class Patchify:
         # What to learn (None: no whitening) and what was learned (None: not yet, or none wanted).
         self._whitening_config = whitening_config
         self._whitening = whitening
-        # Whole-image vector per image, for fusion; None for indexes saved before it existed (format <= 2).
-        self._global = global_descriptors
+        # The fusion setting (None: the default rule) and the weight the stored vectors are folded with
+        # (patchify.fusion): equal to effective_global_weight whenever the index exists.
         self._global_weight = check_global_weight(global_weight)
+        self._folded_weight = float(folded_weight)
         self._images = images if images is not None else []
         self._patches = patches if patches is not None else PatchTable.empty()
         self._saved_backbone = saved_backbone  # set by load: says which backbone built it
@@ -162,23 +162,43 @@ class Patchify:
 
     @global_weight.setter
     def global_weight(self, value: float | None) -> None:
+        """Changing it re-folds a flat index's vectors once (O(patches)); an IVFPQ index keeps the weight it was
+        built with (its codes encode the folded vectors): rebuild it to change the weight."""
         value = check_global_weight(value)
-        if value is not None and value > 0 and self._index is not None and self._global is None:
-            raise ValueError("global_weight > 0 needs the images' whole-image vectors, which this index (saved by an "
-                             "older patchify, format <= 2) does not have: rebuild it, or keep global_weight=0")
         if value is not None and value > 0 and 1 not in self.grids:
             raise ValueError(f"global_weight > 0 needs the whole image (grid 1) among the grids {list(self.grids)}")
+        weight = self._weight_for(value, self._whitening is not None)
+        if self._index is not None and self._index.ntotal and weight != self._folded_weight:
+            self._refold(weight)
         self._global_weight = value
 
     @property
     def effective_global_weight(self) -> float:
-        """The weight searches use now: the setting, or under the default rule DEFAULT_GLOBAL_WEIGHT when the index
-        holds whitened vectors with every image's whole-image vector, else 0 (plain max)."""
-        if self._global is None or 1 not in self.grids:
+        """The weight searches use: the setting, or under the default rule DEFAULT_GLOBAL_WEIGHT when the index
+        holds whitened vectors, else 0 (plain max). 0 when the grids lack the whole image."""
+        return self._weight_for(self._global_weight, self._whitening is not None)
+
+    def _weight_for(self, setting: float | None, whitened: bool) -> float:
+        if 1 not in self.grids:
             return 0.0
-        if self._global_weight is not None:
-            return self._global_weight
-        return DEFAULT_GLOBAL_WEIGHT if self._whitening is not None else 0.0
+        if setting is not None:
+            return setting
+        return DEFAULT_GLOBAL_WEIGHT if whitened else 0.0
+
+    def _refold(self, weight: float) -> None:
+        """Re-folds a flat index's stored vectors for another global weight (see patchify.fusion)."""
+        from .index.flat import FlatIndex
+
+        index = self._index
+        if not isinstance(index, FlatIndex):
+            raise ValueError(f"this IVFPQ index stores vectors folded with global_weight {self._folded_weight:g} "
+                             f"(its codes encode them): rebuild it to search with {weight:g}")
+        stored, patch_ids = index.stored_vectors()
+        grid, image = self._patches.grid[patch_ids], self._patches.image[patch_ids]
+        vectors = fold(unfold(stored, grid, image, self._folded_weight), grid, image, weight)
+        rebuilt = FlatIndex(index.dim, dtype=index.dtype, num_threads=index.num_threads)
+        rebuilt.add(vectors, patch_ids, image)
+        self._index, self._folded_weight = rebuilt, weight
 
     @property
     def images(self) -> Sequence[ImageRecord]:
@@ -316,6 +336,9 @@ class Patchify:
                                             learned_from=learning.description)
         if whitening is not None:
             vectors = whitening.apply(vectors)
+        weight = self._weight_for(self._global_weight, whitening is not None) if self._index is None or \
+            self._index.ntotal == 0 else self._folded_weight
+        vectors = fold(vectors, patches.grid, patches.image, weight)
         index = self._index
         if trains_now:
             # An IVFPQ index trains on everything it has: the vectors held exactly so far, and these.
@@ -339,12 +362,7 @@ class Patchify:
             index = config_now.create(vectors.shape[1], self._encoder.num_threads)
         index.add(vectors, patch_ids, image_ids)
         # Committed: nothing below can fail on the caller's input.
-        self._index, self._whitening = index, whitening
-        if self._global is None and len(self._images) == 0:
-            self._global = GlobalDescriptors(index.dim)
-        if self._global is not None:
-            whole = np.flatnonzero(patches.grid == 1)
-            self._global.append(len(images), patches.image[whole], vectors[whole])
+        self._index, self._whitening, self._folded_weight = index, whitening, weight
         self._images.extend(ImageRecord(first_image + i, image.name, int(image.width), int(image.height))
                             for i, image in enumerate(images))
         self._patches.append(patches.with_image(image_ids))
@@ -424,19 +442,19 @@ class Patchify:
                              f"{self._whitening.input_dim} dimensions: the backbone's vectors cannot be recovered; "
                              "rebuild the index")
         stored, patch_ids = index.stored_vectors()
+        image_ids, grids = self._patches.image[patch_ids], self._patches.grid[patch_ids]
+        stored = unfold(stored, grids, image_ids, self._folded_weight)
         raw = stored.astype(np.float32) if self._whitening is None else self._whitening.recover(stored)
-        image_ids = self._patches.image[patch_ids]
         learning = _learning_set(config, raw, self._patches.select(patch_ids), self.n_images, whitening_vectors,
                                  limit=False)
         whitening = Whitening.learn(learning.vectors, config, n_images=learning.n_images,
                                     learned_from=learning.description)
-        whitened = whitening.apply(raw)
+        weight = self._weight_for(self._global_weight, True)
+        whitened = fold(whitening.apply(raw), grids, image_ids, weight)
         rebuilt = FlatIndex(whitened.shape[1], dtype=index.dtype, num_threads=index.num_threads)
         rebuilt.add(whitened, patch_ids, image_ids)
-        whole = np.flatnonzero(self._patches.grid[patch_ids] == 1)
-        descriptors = GlobalDescriptors(rebuilt.dim)
-        descriptors.append(len(self._images), image_ids[whole], whitened[whole])
-        self._index, self._whitening, self._whitening_config, self._global = rebuilt, whitening, config, descriptors
+        self._index, self._whitening, self._whitening_config = rebuilt, whitening, config
+        self._folded_weight = weight
         return whitening
 
     def _check_training_source(self) -> None:
@@ -455,8 +473,6 @@ class Patchify:
         if bad:
             raise ValueError(f"image_ids not in the index: {bad[:10]}")
         removed = self._index.remove_images(ids) if self._index is not None and len(ids) else 0
-        if self._global is not None and len(ids):
-            self._global.forget(ids)
         for i in ids:
             record = self._images[int(i)]
             self._images[int(i)] = ImageRecord(record.id, record.name, record.width, record.height, removed=True)
@@ -495,7 +511,7 @@ class Patchify:
     def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ranking behind `search_batch`, as arrays: queries (nq, dim) backbone descriptors -> (scores, image
         ids, winning patch ids), each (nq, min(k, images)), best first, padded with -inf / -1. Applies the
-        whitening and the global + patch fusion."""
+        whitening; the global + patch fusion is folded into the stored vectors (patchify.fusion)."""
         k = check_k(k)
         if self._index is None or self._index.ntotal == 0:
             raise ValueError("the index is empty: add images before searching")
@@ -503,9 +519,6 @@ class Patchify:
         self._check_input_dim(queries.shape[1])
         if self._whitening is not None:
             queries = self._whitening.apply(queries)
-        weight = self.effective_global_weight
-        if weight > 0 and self._global is not None:
-            return fused_search(self._index.search, queries, k, weight, self._global, self._index.n_images)
         return self._index.search(queries, k)
 
     def _hits(self, scores: np.ndarray, image_ids: np.ndarray, patch_ids: np.ndarray) -> list[Hit]:
@@ -539,7 +552,7 @@ class Patchify:
         return store.save(directory, backbone=record, tiling=self.tiling, index=self._index, images=self._images,
                           target_index=staging,
                           patches=self._patches, whitening_config=self._whitening_config, whitening=self._whitening,
-                          global_descriptors=self._global, global_weight=self._global_weight,
+                          global_weight=self._global_weight, folded_weight=self._folded_weight,
                           patchify_version=_core.__version__)
 
     @classmethod
@@ -555,7 +568,7 @@ class Patchify:
                           expected_identity=saved.backbone.identity, check_name=backbone is not None)
         engine._compose(encoder, saved.target_index or saved.index.config, saved.index, saved.images,
                         saved.patches, saved.backbone, saved.whitening_config, saved.whitening,
-                        saved.global_descriptors, saved.global_weight)
+                        saved.global_weight, saved.folded_weight)
         return engine
 
 

@@ -8,7 +8,6 @@ A saved index is a folder:
   index files     written by the index (`save_files`), holding data only, no settings:
                   flat: flat_vectors.npy, flat_patch_ids.npy; ivfpq: ivfpq_index.faiss
   whitening.npz   the learned whitening's mean and projection (absent when the index holds raw vectors)
-  global_descriptors.npy  each image's whole-image vector in the index's space (float16), for score fusion
 
 Version history (every version stays loadable; fixtures in tests/fixtures/indices/vN):
   1: settings split between manifest.json and ivfpq_meta.json (the loader trusted the manifest, so a changed
@@ -16,7 +15,8 @@ Version history (every version stays loadable; fixtures in tests/fixtures/indice
   2: no whitening, no global descriptors, no scoring settings (loads as whitening "none", global_weight 0: the
      plain max it was built for).
   3: the layout above; the manifest adds "whitening" (null, or its settings and whether/what it learned),
-     "scoring" ({"global_weight": w}) and "target_index" (the IVFPQ settings of an index still held exactly, flat,
+     "scoring" ({"global_weight": the setting, "folded_weight": the weight the stored vectors are folded with,
+     see patchify.fusion}) and "target_index" (the IVFPQ settings of an index still held exactly, flat,
      until it has enough patches to train; else null); IVFPQ settings add the re-rank store's (rerank_codes.npy,
      rerank_sq.npy).
 
@@ -41,7 +41,6 @@ import numpy as np
 from .backbones.cache import sha256_of
 from .config import FlatConfig, IndexConfig, TilingConfig, WhiteningConfig, check_global_weight, index_config_from_dict
 from .errors import IndexFormatError
-from .fusion import GLOBAL_DESCRIPTORS_FILE, GlobalDescriptors
 from .records import ImageRecord, PatchTable
 from .whitening import WHITENING_FILE, Whitening
 
@@ -79,8 +78,8 @@ class SavedIndex:
     index: "PatchIndex"
     whitening_config: WhiteningConfig | None = None  # None: raw vectors
     whitening: Whitening | None = None  # None: raw vectors, or not learned yet (a small flat index)
-    global_descriptors: GlobalDescriptors | None = None  # None: format <= 2
     global_weight: float | None = 0.0  # format <= 2: the plain max it was built for
+    folded_weight: float = 0.0
     target_index: IndexConfig | None = None  # an IVFPQ config whose index is still exact (flat) until it can train
 
 
@@ -116,7 +115,7 @@ def _write_json(path: Path, data: Any) -> None:
 def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: TilingConfig, index: "PatchIndex",
          images: Sequence[ImageRecord], patches: PatchTable, patchify_version: str,
          whitening_config: WhiteningConfig | None = None, whitening: Whitening | None = None,
-         global_descriptors: GlobalDescriptors | None = None, global_weight: float | None = None,
+         global_weight: float | None = None, folded_weight: float = 0.0,
          target_index: IndexConfig | None = None) -> Path:
     """Writes a complete index folder atomically (format FORMAT_VERSION)."""
     directory = Path(directory)
@@ -128,8 +127,6 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
         written = [IMAGES, PATCHES, *index.save_files(staging)]
         if whitening is not None:
             written.append(whitening.save_file(staging))
-        if global_descriptors is not None:
-            written.append(global_descriptors.save_file(staging))
         whitening_entry: dict[str, Any] | None = None
         if whitening is not None:
             whitening_entry = {"learned": True, **whitening.describe()}
@@ -147,7 +144,7 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
             "n_images": len(images),
             "n_patches": len(patches),
             "whitening": whitening_entry,
-            "scoring": {"global_weight": global_weight},
+            "scoring": {"global_weight": global_weight, "folded_weight": folded_weight},
             "target_index": target_index.to_dict() if target_index is not None else None,
             "files": files,
         })
@@ -283,6 +280,8 @@ def _load_scoring(directory: Path, manifest: dict[str, Any], saved: SavedIndex) 
                     raise KeyError(WHITENING_FILE)
                 saved.whitening = Whitening.load_file(directory, entry)
         saved.global_weight = check_global_weight(manifest["scoring"]["global_weight"])
+        folded = check_global_weight(manifest["scoring"]["folded_weight"])
+        saved.folded_weight = 0.0 if folded is None else folded
         if manifest.get("target_index") is not None:
             saved.target_index = index_config_from_dict(manifest["target_index"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -291,8 +290,7 @@ def _load_scoring(directory: Path, manifest: dict[str, Any], saved: SavedIndex) 
     if saved.whitening is not None and saved.whitening.output_dim != saved.index.dim:
         raise IndexFormatError(f"{directory / WHITENING_FILE}: whitens to {saved.whitening.output_dim} dimensions, "
                                f"the index holds {saved.index.dim}")
-    if GLOBAL_DESCRIPTORS_FILE in files:
-        saved.global_descriptors = GlobalDescriptors.load_file(directory, saved.index.dim, len(saved.images))
+
 
 
 def _load_images(path: Path, n_images: int) -> list[ImageRecord]:
