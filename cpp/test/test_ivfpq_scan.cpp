@@ -21,7 +21,7 @@ struct Fixture {
   std::vector<std::vector<uint32_t>> raw;   // per patch: the sub-quantiser indices
   std::vector<int64_t> patch_list;          // per patch: its list
   std::vector<int32_t> image_of;            // per patch
-  size_t n_images = 30, n_patches = 0;
+  size_t n_images = 40, n_patches = 0;  // 280 patches: more than kSmallTopK (the dense path is tested too)
 
   explicit Fixture(int nbits_, unsigned seed) : nbits(nbits_) {
     std::mt19937 rng(seed);

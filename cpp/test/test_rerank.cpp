@@ -80,7 +80,7 @@ float reference_row(const Data& d, RerankCodec codec, int64_t id, const float* q
   return static_cast<float>(s);
 }
 
-void check_codec(const Data& d, RerankCodec codec, size_t split, int threads) {
+void check_codec(const Data& d, RerankCodec codec, size_t split, int threads, bool simd) {
   const size_t cs = codec == RerankCodec::kFloat16 ? 2 * d.dim : d.dim;
   const uint8_t* all = codec == RerankCodec::kFloat16 ? d.codes16.data() : d.codes8.data();
   RerankRows rows{all, split, all + split * cs, d.n_rows - split, cs};
@@ -88,7 +88,7 @@ void check_codec(const Data& d, RerankCodec codec, size_t split, int threads) {
   std::vector<int64_t> winner(d.nq * d.r);
   patchify::rerank_max(codec, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(), d.n_images,
                        d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), d.nq, d.candidates.data(), d.r,
-                       best.data(), winner.data(), threads);
+                       best.data(), winner.data(), threads, simd);
   for (size_t qi = 0; qi < d.nq; ++qi) {
     for (size_t j = 0; j < d.r; ++j) {
       const int64_t image = d.candidates[qi * d.r + j];
@@ -117,7 +117,8 @@ int main() {
   const Data d = make();
   for (RerankCodec codec : {RerankCodec::kFloat16, RerankCodec::kInt8})
     for (size_t split : {size_t{0}, d.n_rows / 3, d.n_rows})
-      for (int threads : {1, 3}) check_codec(d, codec, split, threads);
+      for (int threads : {1, 3})
+        for (bool simd : {false, true}) check_codec(d, codec, split, threads, simd);  // portable and AVX2
 
   // Bad input is refused, not read out of bounds.
   RerankRows rows{d.codes8.data(), d.n_rows, nullptr, 0, d.dim};

@@ -427,7 +427,9 @@ class IVFPQScanner {
   }
 
   // k up to this uses detail::SmallTopImages (threshold-pruned, no per-image array); larger k the dense array.
-  static constexpr size_t kSmallTopK = 64;
+  // 256, not 64: a two-stage search asks the scanner for a shortlist of 100+ images, and at 1M images the dense
+  // array misses the cache on nearly every code while the threshold skips almost every code after the first lists.
+  static constexpr size_t kSmallTopK = 256;
 
   // Top-k images per query. queries: nq x dim; probes: nq x nprobe list ids from faiss's coarse quantiser, or
   // nullptr to run the native coarse search (one call, no Python in between); outputs nq x k, padded with

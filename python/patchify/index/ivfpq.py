@@ -13,6 +13,11 @@ faiss ids are our global patch ids; a dense int32 array maps patch id -> image i
 core never links faiss: it reads faiss's inverted lists through numpy views (faiss.rev_swig_ptr) that are
 rebuilt after every add/remove, because faiss may reallocate its lists.
 
+Two stages by default (rerank="int8"): the scanner shortlists the best `shortlist(k)` images by PQ scores, then
+every patch of those images is scored from a finer copy of the vectors (patchify.index.rerank, C++ in
+cpp/src/patchify/rerank.h): the max over PQ approximations rewards the images whose quantisation errors are
+largest, and the re-rank puts flat's accuracy back (benchmarks/RESULTS.md). `first_stage` is the scanner alone.
+
 Not safe for concurrent mutation: do not add/remove from one thread while another searches.
 """
 from __future__ import annotations
