@@ -302,8 +302,10 @@ def test_older_indexes_keep_the_plain_max_and_can_fuse_when_flat(thumbnail_backb
 
 def test_add_images_learns_on_the_4x4_cells_and_reports_it(thumbnail_backbone, photos):
     engine = Patchify(backbone=thumbnail_backbone, level=2)
-    first = engine.add_images(photos[:3])  # 3 x 16 learning cells, 42 patches: fewer than min_vectors (64)
+    calls = thumbnail_backbone.calls
+    first = engine.add_images(photos[:3])  # 3 x 16 cells could not reach min_vectors (64): not even encoded
     assert first.notes == [] and engine.whitening is None
+    assert thumbnail_backbone.calls - calls == 1  # the indexing pass only (one backbone call for 42 patches)
     second = engine.add_images(photos[3:8])  # this add's 5 images give 80 cells
     assert len(second.notes) == 1 and "whitening learned on 80 4x4 cells of 5 images" in second.notes[0]
     assert "whitening learned on 80 4x4 cells" in str(second)

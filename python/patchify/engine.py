@@ -286,6 +286,8 @@ class Patchify:
                 config.learn_grid in self.grids:
             return None
         grid = config.learn_grid
+        if len(items) * grid * grid < config.min_vectors:
+            return None  # too few images to learn from here: the index learns later, on what it then holds
         chosen = [items[i] for i in learning_images(len(items), config.learn_images)]
         vectors, n_images = self._encoder.encode_grid_cells(chosen, grid, len(chosen), progress=progress)
         return LearningSet(vectors, n_images, f"{grid}x{grid} cells") if len(vectors) else None
