@@ -127,3 +127,31 @@ def test_removed_images_leave_both_stages():
     assert 5 not in index.search(q, 50)[1][0]
     with pytest.raises(ValueError, match="rerank"):
         IVFPQIndex(DIM, m=M, rerank="int4")
+
+
+def test_image_patches_extended_by_new_images_equals_a_rebuild():
+    _, images = clustered(30)
+    patch_image = images.astype(np.int32)
+    built = ImagePatches(patch_image[:60], 10)  # images 0..9
+    more_ids = np.arange(60, 180)[::-1].copy()  # out of order on purpose
+    extended = built.extended(more_ids, images[60:180][::-1].copy(), 30)
+    full = ImagePatches(patch_image, 30)
+    np.testing.assert_array_equal(extended.starts, full.starts)
+    for image in range(30):
+        a, b = extended.starts[image], extended.starts[image + 1]
+        assert sorted(extended.patch_ids[a:b]) == sorted(full.patch_ids[a:b])
+
+
+def test_adds_between_searches_keep_the_second_stage_right():
+    index, x, images = trained("float16")
+    q = queries(x, 5)
+    index.search(q, 5)  # builds image -> patches
+    more, more_images = clustered(20, seed=4)
+    index.add(more, np.arange(len(x), len(x) + len(more)), more_images + 2000)  # extended, not rebuilt
+    all_x, all_images = np.concatenate([x, more]), np.concatenate([images, more_images + 2000])
+    index.rerank_shortlist = 2020  # every image: the second stage alone decides
+    scores, ids, _ = index.search(q, 10)
+    ref_scores, ref_ids, _ = numpy_reference_search(all_x, all_images, q, 10)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-3)
+    index.remove_images(np.array([int(ids[0, 0])]))
+    assert int(ids[0, 0]) not in index.search(q, 10)[1][0]

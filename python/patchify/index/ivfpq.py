@@ -215,9 +215,13 @@ class IVFPQIndex:
         new_map[: len(self._map)] = self._map
         new_map[pids] = imgs.astype(np.int32)
         self._map = new_map
+        images_before = self._num_images
         self._num_images = max(self._num_images, int(imgs.max()) + 1)
         self._lists_stale = True
-        self._image_patches = None
+        if self._image_patches is not None and int(imgs.min()) >= images_before:
+            self._image_patches = self._image_patches.extended(pids, imgs, self._num_images)
+        else:  # patches of images already indexed: rebuilt at the next two-stage search
+            self._image_patches = None
 
     def remove_images(self, image_ids: np.ndarray) -> int:
         ids = check_ids(np.atleast_1d(np.asarray(image_ids)), "image_ids", -1)
@@ -231,8 +235,7 @@ class IVFPQIndex:
         new_map[patches] = -1
         self._map = new_map
         self._lists_stale = True
-        self._image_patches = None
-        return removed
+        return removed  # image -> patches stays valid: the first stage never returns a removed image
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -190,14 +190,32 @@ class RerankStore:
 
 
 class ImagePatches:
-    """image id -> its patch ids (CSR built from the patch -> image map; rebuilt after every add/remove)."""
+    """image id -> its patch ids (CSR built from the patch -> image map). Adds of new images extend it (a copy, no
+    sort); removed images keep their entries, which nobody asks for (the first stage never returns them)."""
 
-    def __init__(self, patch_image: np.ndarray, n_images: int) -> None:
+    def __init__(self, patch_image: np.ndarray, n_images: int, *, patch_ids: np.ndarray | None = None,
+                 starts: np.ndarray | None = None) -> None:
+        if patch_ids is not None and starts is not None:
+            self.patch_ids, self.starts = patch_ids, starts
+            return
         live = np.flatnonzero(patch_image >= 0)
         owners = patch_image[live]
         order = np.argsort(owners, kind="stable")
         self.patch_ids = live[order].astype(np.int64)
         self.starts = np.searchsorted(owners[order], np.arange(n_images + 1)).astype(np.int64)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.starts) - 1
+
+    def extended(self, patch_ids: np.ndarray, image_ids: np.ndarray, n_images: int) -> "ImagePatches":
+        """With the patches of images all new (ids >= n_images so far, < n_images)."""
+        first = self.n_images
+        order = np.argsort(image_ids, kind="stable")
+        counts = np.bincount(image_ids - first, minlength=n_images - first)
+        starts = np.concatenate([self.starts, self.starts[-1] + np.cumsum(counts)])
+        return ImagePatches(np.zeros(0, np.int32), n_images,
+                            patch_ids=np.concatenate([self.patch_ids, patch_ids[order]]), starts=starts)
 
     def ranges(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(image_ids, np.int64)
