@@ -44,6 +44,7 @@ class Setting:
     name: str
     engine: dict[str, Any] = field(default_factory=dict)  # Patchify keyword arguments
     learn_on_others: bool = False  # a whitening learned on the other sets' patches (not the searched database)
+    opq: bool = False  # the default whitening followed by a faiss OPQ rotation learned on the whitened patches
 
 
 PATCHES_ONLY = WhiteningConfig(learn_grid=None)  # learned on the indexed patches instead of the 4x4 cells
@@ -72,6 +73,9 @@ COMPRESSION = [
     Setting("IVFPQ one stage (default scoring)", {**_PQ, "rerank": "none"}),
     Setting("IVFPQ + re-rank int8 (default)", {**_PQ}),
     Setting("IVFPQ + re-rank float16", {**_PQ, "rerank": "float16"}),
+    # Which codes: one stage (PQ scores only) trained on every patch, on the "salient" selection, after OPQ.
+    Setting("IVFPQ one stage, salient training", {**_PQ, "rerank": "none", "training_source": "salient"}),
+    Setting("IVFPQ one stage, OPQ", {**_PQ, "rerank": "none"}, opq=True),
 ]
 SUITES = {"scoring": SCORING, "compression": COMPRESSION}
 
@@ -89,6 +93,8 @@ def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, ot
         if others is None:
             raise ValueError(f"{setting.name}: needs at least two sets")
         options["whitening"] = Whitening.learn(others, WhiteningConfig())
+    if setting.opq:
+        options["whitening"] = opq_whitening(data, level, options["m"])
     engine = build_engine(data, level, options)
     started = time.perf_counter()
     # Every image ranked; a two-stage IVFPQ search ranks only its shortlist (rerank_shortlist: 100 here).
@@ -101,6 +107,24 @@ def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, ot
                   index=repr(engine.index.config), index_bytes_per_patch=engine.index.nbytes() / len(keep),
                   exact_until_trained=engine.exact_until_trained)
     return result
+
+
+def opq_whitening(data: "sets_module.EncodedSet", level: int, m: int):
+    """The default whitening (learned as add_images would) composed with a faiss OPQ rotation learned on the
+    whitened patches of `level`: normalise((x - mean) P) R^T = normalise((x - mean) P R^T) for a rotation R, so the
+    result is again a `Whitening` (flat results unchanged; only the PQ codes see the rotation)."""
+    import faiss
+
+    from patchify.whitening import Whitening
+
+    plain = build_engine(data, level, {"global_weight": 0.0}).whitening
+    keep = data.grid <= level + 1
+    whitened = plain.apply(data.vectors[keep])
+    opq = faiss.OPQMatrix(whitened.shape[1], m)
+    opq.train(np.ascontiguousarray(whitened[np.random.default_rng(0).permutation(len(whitened))[:65536]]))
+    rotation = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)
+    return Whitening(plain.mean, np.ascontiguousarray(plain.projection @ rotation.T, np.float32), plain.config,
+                     plain.learned_on_vectors, plain.learned_on_images, learned_from=plain.learned_from + " + OPQ")
 
 
 def build_engine(data: "sets_module.EncodedSet", level: int, options: dict[str, Any]):

@@ -230,7 +230,7 @@ def test_whitening_none_and_a_given_whitening(thumbnail_backbone):
         Patchify(backbone=thumbnail_backbone, grids=[2, 3], global_weight=0.5)
 
 
-def test_changing_the_global_weight_refolds_a_flat_index_and_is_refused_by_ivfpq(thumbnail_backbone):
+def test_changing_the_global_weight_refolds_a_flat_index(thumbnail_backbone):
     vectors, table, images = _images(400, seed=0)
     changed = _engine(thumbnail_backbone, global_weight=0.25)
     changed.add_embeddings(vectors, table, images)
@@ -242,11 +242,23 @@ def test_changing_the_global_weight_refolds_a_flat_index_and_is_refused_by_ivfpq
         np.testing.assert_allclose(a, b, atol=1e-5)
     changed.global_weight = 0.0  # back to the plain max
     assert changed.search(vectors[7], k=1)[0].score == pytest.approx(1.0, abs=1e-5)
-    ivfpq = _engine(thumbnail_backbone, index="ivfpq", nlist=2, m=4, nbits=4)
-    ivfpq.add_embeddings(vectors, table, images)
-    with pytest.raises(ValueError, match="rebuild"):
-        ivfpq.global_weight = 0.5
-    assert ivfpq.effective_global_weight == DEFAULT_GLOBAL_WEIGHT
+    one_stage = _engine(thumbnail_backbone, index="ivfpq", nlist=2, m=4, nbits=4, rerank="none")
+    one_stage.add_embeddings(vectors, table, images)
+    assert one_stage.effective_global_weight == 0.0  # fusion needs the second stage's exact scores
+
+
+def test_ivfpq_fuses_in_its_second_stage_as_defined(thumbnail_backbone):
+    vectors, table, images = _images(300, seed=5)
+    engine = _engine(thumbnail_backbone, whitening="none", index="ivfpq", nlist=2, m=4, nbits=4,
+                     rerank="float16", rerank_shortlist=300, global_weight=0.25)  # every image re-scored
+    engine.add_embeddings(vectors, table, images)
+    queries = _anisotropic(20, seed=6)
+    for weight in (0.25, 0.6):  # a search-time setting for IVFPQ: nothing is re-folded
+        engine.global_weight = weight
+        scores, ids, _ = engine.search_vectors(queries, 10)
+        ref_scores, ref_ids = _brute_force_fused(vectors, table.image, table.grid, queries, 10, weight)
+        np.testing.assert_allclose(scores, ref_scores, atol=2e-3)  # float16 copies
+        assert (ids == ref_ids).mean() > 0.95
 
 
 def test_removed_images_never_come_back_through_fusion(thumbnail_backbone):
@@ -296,8 +308,8 @@ def test_older_indexes_keep_the_plain_max_and_can_fuse_when_flat(thumbnail_backb
     fused = flat.search(query(), k=3)
     assert fused[0].score != pytest.approx(plain[0].score)
     ivfpq = Patchify.load(saved / "ivfpq", backbone=ThumbnailBackbone())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="rebuild"):
-        ivfpq.global_weight = 0.25
+    ivfpq.global_weight = 0.25  # version 2 had no re-rank store: its search stays the plain max
+    assert ivfpq.effective_global_weight == 0.0
 
 
 def test_add_images_learns_on_the_4x4_cells_and_reports_it(thumbnail_backbone, photos):

@@ -269,11 +269,24 @@ class IVFPQIndex:
             return max(int(self.rerank_shortlist), k)
         return max(RERANK_SHORTLIST_FACTOR * k, RERANK_MIN_SHORTLIST)
 
-    def _two_stage(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The fused scanner's best `shortlist(k)` images, re-scored from the re-rank store (max over each one's
-        patches), the top k of those."""
-        assert self._rerank is not None
+    def search_shortlist(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All `shortlist(k)` images of a top-k two-stage search, re-scored and sorted: (nq, shortlist) arrays as
+        `search` returns them (for re-ranking them further, e.g. global + patch fusion)."""
+        if self._rerank is None:
+            raise ValueError("search_shortlist needs the re-rank store (rerank='int8' or 'float16')")
+        q = check_queries(queries, self.dim)
+        k = result_width(k, self._num_images)
+        if self.ntotal == 0 or k == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
         width = result_width(self.shortlist(k), self._num_images)
+        return self._two_stage(q, width, shortlist=width)
+
+    def _two_stage(self, q: np.ndarray, k: int, shortlist: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fused scanner's best `shortlist(k)` images (or `shortlist` of them), re-scored from the re-rank store
+        (max over each one's patches), the top k of those."""
+        assert self._rerank is not None
+        width = shortlist if shortlist is not None else result_width(self.shortlist(k), self._num_images)
         _, first_images, _ = self._first_stage(q, width)
         if self._image_patches is None:
             self._image_patches = ImagePatches(self._map, self._num_images)
