@@ -334,3 +334,15 @@ def test_add_images_learns_on_the_4x4_cells_and_reports_it(thumbnail_backbone, p
     fine.add_images(photos[:4])
     assert fine.whitening.learned_from == "4x4 cells" and fine.whitening.learned_on_vectors == 64
     assert thumbnail_backbone.calls - calls <= 4  # one pass: 120 patches in batches of 32
+
+
+def test_ivfpq_with_a_selecting_training_source_waits_for_enough_selected_patches(thumbnail_backbone):
+    engine = _engine(thumbnail_backbone, index="ivfpq", m=4, nbits=4, training_source="salient")
+    need = engine.exact_until_trained
+    assert need == 624
+    engine.add_embeddings(*_images(150, seed=1))  # 750 patches, of which "salient" keeps 450: not enough
+    assert engine.index.kind == "flat" and engine.exact_until_trained == need
+    vectors, table, images = _images(100, seed=2)
+    engine.add_embeddings(vectors, table, images)  # 1,250 patches, 750 kept: trained on them
+    assert engine.index.kind == "ivfpq" and engine.exact_until_trained is None and engine.n_patches == 1250
+    assert engine.search(vectors[5 * 40], k=1)[0].image_id == 150 + 40

@@ -275,8 +275,9 @@ class Patchify:
                                 f"{w.learned_on_images:,} images in {w.seconds:.2f} s")
         need = self.exact_until_trained
         if need is not None:
-            report.notes.append(f"IVFPQ needs {need:,} patches to train its codebooks and the index holds "
-                                f"{self.n_patches:,}: searched exactly (flat) until then")
+            source = self._index_config.training_source if isinstance(self._index_config, IVFPQConfig) else "all"
+            report.notes.append(f"IVFPQ needs {need:,} training patches (training source {source!r}) and the index "
+                                f"holds {self.n_patches:,} patches: searched exactly (flat) until then")
         elif staged_before is not None and self._index is not None:
             report.notes.append(f"IVFPQ trained on the {self.n_patches:,} patches held so far "
                                 f"({self.index_config!r}); compressed search from now on")
@@ -351,6 +352,22 @@ class Patchify:
                                             learned_from=learning.description)
         if whitening is not None:
             vectors = whitening.apply(vectors)
+        training = None
+        if trains_now:
+            # An IVFPQ index trains on everything it has: the vectors held exactly so far, and these; a training
+            # source that selects (e.g. "salient") may leave too few, and then the index waits for more.
+            assert isinstance(self._index_config, IVFPQConfig)
+            staged = self._staged_vectors()
+            old_vectors, old_ids = staged if staged is not None else (np.zeros((0, vectors.shape[1]), np.float32),
+                                                                      np.zeros(0, np.int64))
+            old_ids_images = self._patches.image[old_ids]
+            old_vectors = unfold(old_vectors, self._patches.grid[old_ids], old_ids_images, self._folded_weight)
+            training = select_training_vectors(
+                self._index_config.training_source, np.concatenate([old_vectors, vectors]),
+                np.concatenate([old_ids_images, image_ids]),
+                patch_grids=np.concatenate([self._patches.grid[old_ids], patches.grid]),
+                given=self._training_vectors_in_index_space(whitening))
+            trains_now = len(training) >= self._index_config.min_training_vectors()
         if trains_now or not self._folds():
             weight = 0.0  # an IVFPQ index stores plain vectors
         elif self._index is None or self._index.ntotal == 0:
@@ -360,20 +377,9 @@ class Patchify:
         vectors = fold(vectors, patches.grid, patches.image, weight)
         index = self._index
         if trains_now:
-            # An IVFPQ index trains on everything it has: the vectors held exactly so far, and these.
-            assert isinstance(self._index_config, IVFPQConfig)
+            assert isinstance(self._index_config, IVFPQConfig) and training is not None
             index = self._index_config.create(vectors.shape[1], self._encoder.num_threads)
-            staged = self._staged_vectors()
-            old_vectors, old_ids = staged if staged is not None else (np.zeros((0, vectors.shape[1]), np.float32),
-                                                                      np.zeros(0, np.int64))
-            old_ids_images = self._patches.image[old_ids]
-            old_vectors = unfold(old_vectors, self._patches.grid[old_ids], old_ids_images, self._folded_weight)
-            everything = np.concatenate([old_vectors, vectors])
-            all_images = np.concatenate([old_ids_images, image_ids])
-            all_grids = np.concatenate([self._patches.grid[old_ids], patches.grid])
-            index.train(select_training_vectors(self._index_config.training_source, everything, all_images,
-                                                patch_grids=all_grids,
-                                                given=self._training_vectors_in_index_space(whitening)))
+            index.train(training)
             if len(old_ids):
                 index.add(old_vectors, old_ids, old_ids_images)
         elif index is None:

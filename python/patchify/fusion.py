@@ -13,6 +13,9 @@ so storing u_p = w * G + (1 - w) * v_p instead of v_p makes the index's own max-
 fused score exactly, at no cost at search time, and the winning patch (the box) is the same as the plain max's.
 The whole-image patch itself stores u = G, so G, and from it every v_p, can be read back from a flat index
 (`unfold`): changing w re-folds the stored vectors once, and no other table is kept.
+
+Flat indexes only: an IVFPQ index keeps plain vectors (folded ones pull an image's patches into fewer coarse lists,
+so the first stage reaches fewer images) and the engine fuses its second stage's exact scores instead.
 """
 from __future__ import annotations
 
