@@ -202,7 +202,7 @@ def format_table(results: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> st
         f"{s} {'top-1 /' + str(len(next(iter(next(iter(results[s].values())).values()))['ap'])) if m == 'top1' else m}"
         f" L{'/L'.join(str(lv) for lv in sorted(next(iter(results[s].values()))))}" for s, m in cols) + " |"
     lines = [header, "|" + "---|" * (len(cols) + 1)]
-    for setting in next(iter(results.values())):
+    for setting in dict.fromkeys(name for per_set in results.values() for name in per_set):
         cells = []
         for s, m in cols:
             if setting not in results[s]:
