@@ -155,3 +155,32 @@ def test_adds_between_searches_keep_the_second_stage_right():
     np.testing.assert_allclose(scores, ref_scores, atol=1e-3)
     index.remove_images(np.array([int(ids[0, 0])]))
     assert int(ids[0, 0]) not in index.search(q, 10)[1][0]
+
+
+def test_the_binding_checks_every_array_and_id():
+    from patchify import _core
+    from patchify.errors import CoreError
+
+    rows = np.zeros((10, DIM), np.uint8)
+    empty = np.zeros((0, DIM), np.uint8)
+    ranges = np.zeros(6, np.float32)
+    vmin, vdiff = np.zeros(DIM, np.float32), np.ones(DIM, np.float32)
+    starts, patch_ids = np.array([0, 5, 10]), np.arange(10)
+    q = np.ones((1, DIM), np.float32)
+    best, winner = _core.rerank_max("int8", rows, empty, vmin, vdiff, starts, patch_ids, q, np.array([[1, -1]]))
+    assert winner[0, 0] in range(5, 10) and winner[0, 1] == -1 and best[0, 1] == -np.inf
+    bad = [
+        ("codec", dict(codec="int4")),
+        ("candidate image id 2 >= 2 images", dict(candidates=np.array([[2]]))),
+        ("no stored row", dict(patch_ids=np.array([0, 1, 2, 3, 4, 50, 6, 7, 8, 9]))),
+        ("vmin", dict(vmin=ranges)),
+        ("queries", dict(queries=np.ones((1, DIM), np.float64))),
+        ("base", dict(base=np.zeros((10, DIM + 1), np.uint8))),
+        ("not offsets", dict(starts=np.array([0, 7, 3]))),
+    ]
+    for message, change in bad:
+        args = dict(codec="int8", base=rows, tail=empty, vmin=vmin, vdiff=vdiff, starts=starts,
+                    patch_ids=patch_ids, queries=q, candidates=np.array([[0, 1]]))
+        args.update(change)
+        with pytest.raises(CoreError, match=message):
+            _core.rerank_max(**args)
