@@ -126,3 +126,17 @@ def test_an_image_too_small_for_the_grid_is_named_not_numbered(tmp_path):
     report = engine.add_images([tiny])
     assert [s.source for s in report.skipped] == [str(tiny)]
     assert "image 0" not in str(report) and "4x4 grid" in report.skipped[0].reason
+
+
+def test_info_says_an_ivfpq_index_is_searched_exactly_until_it_can_train(photos, tmp_path, capsys):
+    images = []
+    for path in photos[:4]:
+        with Image.open(path) as img:
+            images.append(np.asarray(img.convert("RGB").reduce(4)))
+    engine = Patchify(backbone=ThumbnailBackbone(), level=1, index="ivfpq", m=8)
+    report = engine.add_images(images)
+    assert any("searched exactly (flat) until then" in note for note in report.notes)
+    assert main(["info", str(engine.save(tmp_path / "index"))]) == 0
+    out = capsys.readouterr().out
+    assert "index kind: flat" in out and "configured: ivfpq (" in out
+    assert "searched exactly until it has 9,984 patches to train on" in out

@@ -12,7 +12,7 @@ from .errors import PatchifyError
 
 from . import store
 from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL,
-                     RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig)
+                     RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, index_config_from_dict)
 from .engine import Patchify
 
 
@@ -67,6 +67,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"index: {out} ({engine.index_config.kind}, {store.folder_bytes(out):,} bytes on disk)")
     print(f"whitening: {_whitening_summary(engine.whitening, engine.whitening_config, engine.n_patches)}; "
           f"global weight {engine.effective_global_weight:g}")
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -129,6 +131,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"index {args.index_dir}: format v{manifest['format_version']}, {manifest['n_images']} images, "
           f"{manifest['n_patches']} patches, grids {settings['tiling']['grids']}")
     print(f"index kind: {index['kind']} (dim {index['dim']}; {options})")
+    target = manifest.get("target_index")
+    if target:
+        configured = index_config_from_dict(target)
+        need = configured.min_training_vectors() if isinstance(configured, IVFPQConfig) else 0
+        print(f"configured: {target['kind']} ({', '.join(f'{k}={v}' for k, v in target.items() if k != 'kind')}); "
+              f"searched exactly until it has {need:,} patches to train on")
     whitening = manifest.get("whitening")
     if manifest["format_version"] < 3 or whitening is None:
         print("whitening: none (raw cosines)")
