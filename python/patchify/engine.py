@@ -21,7 +21,7 @@ from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT
                      MAX_TRAINING_VECTORS, FlatConfig, IndexConfig, IVFPQConfig, TilingConfig, WhiteningConfig,
                      check_global_weight, index_config)
 from .encoder import EncodedBatch, Encoder
-from .fusion import fold, unfold
+from .fusion import fold, unfold, whole_image_rows
 from .images import ImageSource, list_image_files
 from .index.base import check_k
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
@@ -200,18 +200,28 @@ class Patchify:
 
     def _refold(self, weight: float) -> None:
         """Re-folds a flat index's stored vectors for another global weight (see patchify.fusion)."""
+        vectors, patch_ids, grid, image = self._unfolded_flat_rows()
+        self._rebuild_flat(fold(vectors, grid, image, weight), patch_ids, image)
+        self._folded_weight = weight
+
+    def _unfolded_flat_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The flat index's rows with the fusion taken out: (vectors, patch ids, grid, image id) per row."""
         from .index.flat import FlatIndex
 
-        index = self._index
-        if not isinstance(index, FlatIndex):
-            raise ValueError(f"this IVFPQ index stores vectors folded with global_weight {self._folded_weight:g} "
-                             f"(its codes encode them): rebuild it to search with {weight:g}")
-        stored, patch_ids = index.stored_vectors()
+        assert isinstance(self._index, FlatIndex)  # callers check: only a flat index holds folded vectors
+        stored, patch_ids = self._index.stored_vectors()
         grid, image = self._patches.grid[patch_ids], self._patches.image[patch_ids]
-        vectors = fold(unfold(stored, grid, image, self._folded_weight), grid, image, weight)
-        rebuilt = FlatIndex(index.dim, dtype=index.dtype, num_threads=index.num_threads)
-        rebuilt.add(vectors, patch_ids, image)
-        self._index, self._folded_weight = rebuilt, weight
+        return unfold(stored, grid, image, self._folded_weight), patch_ids, grid, image
+
+    def _rebuild_flat(self, vectors: np.ndarray, patch_ids: np.ndarray, image_ids: np.ndarray) -> None:
+        """Replaces the flat index with one holding these rows (same storage dtype and threads)."""
+        from .index.flat import FlatIndex
+
+        old = self._index
+        assert isinstance(old, FlatIndex)
+        rebuilt = FlatIndex(vectors.shape[1], dtype=old.dtype, num_threads=old.num_threads)
+        rebuilt.add(vectors, patch_ids, image_ids)
+        self._index = rebuilt
 
     @property
     def images(self) -> Sequence[ImageRecord]:
@@ -357,15 +367,14 @@ class Patchify:
             # An IVFPQ index trains on everything it has: the vectors held exactly so far, and these; a training
             # source that selects (e.g. "salient") may leave too few, and then the index waits for more.
             assert isinstance(self._index_config, IVFPQConfig)
-            staged = self._staged_vectors()
-            old_vectors, old_ids = staged if staged is not None else (np.zeros((0, vectors.shape[1]), np.float32),
-                                                                      np.zeros(0, np.int64))
-            old_ids_images = self._patches.image[old_ids]
-            old_vectors = unfold(old_vectors, self._patches.grid[old_ids], old_ids_images, self._folded_weight)
+            if held:  # the flat index it searched exactly so far
+                old_vectors, old_ids, old_grids, old_ids_images = self._unfolded_flat_rows()
+            else:
+                old_vectors, old_ids = np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, np.int64)
+                old_grids, old_ids_images = self._patches.grid[old_ids], self._patches.image[old_ids]
             training = select_training_vectors(
                 self._index_config.training_source, np.concatenate([old_vectors, vectors]),
-                np.concatenate([old_ids_images, image_ids]),
-                patch_grids=np.concatenate([self._patches.grid[old_ids], patches.grid]),
+                np.concatenate([old_ids_images, image_ids]), patch_grids=np.concatenate([old_grids, patches.grid]),
                 given=self._training_vectors_in_index_space(whitening))
             trains_now = len(training) >= self._index_config.min_training_vectors()
         if trains_now or not self._folds():
@@ -412,13 +421,6 @@ class Patchify:
         if self._index is not None and not isinstance(self._index.config, FlatConfig):
             return None
         return self._index_config.min_training_vectors()
-
-    def _staged_vectors(self) -> tuple[np.ndarray, np.ndarray] | None:
-        from .index.flat import FlatIndex
-
-        if self.exact_until_trained is None or not isinstance(self._index, FlatIndex):
-            return None
-        return self._index.stored_vectors()
 
     def _trains_ivfpq_now(self, total: int) -> bool:
         need = self.exact_until_trained
@@ -467,20 +469,15 @@ class Patchify:
             raise ValueError(f"the current whitening keeps {self._whitening.output_dim} of "
                              f"{self._whitening.input_dim} dimensions: the backbone's vectors cannot be recovered; "
                              "rebuild the index")
-        stored, patch_ids = index.stored_vectors()
-        image_ids, grids = self._patches.image[patch_ids], self._patches.grid[patch_ids]
-        stored = unfold(stored, grids, image_ids, self._folded_weight)
-        raw = stored.astype(np.float32) if self._whitening is None else self._whitening.recover(stored)
+        stored, patch_ids, grids, image_ids = self._unfolded_flat_rows()
+        raw = stored if self._whitening is None else self._whitening.recover(stored)
         learning = _learning_set(config, raw, self._patches.select(patch_ids), self.n_images, whitening_vectors,
                                  limit=False)
         whitening = Whitening.learn(learning.vectors, config, n_images=learning.n_images,
                                     learned_from=learning.description)
         weight = self._weight_for(self._global_weight, True)
-        whitened = fold(whitening.apply(raw), grids, image_ids, weight)
-        rebuilt = FlatIndex(whitened.shape[1], dtype=index.dtype, num_threads=index.num_threads)
-        rebuilt.add(whitened, patch_ids, image_ids)
-        self._index, self._whitening, self._whitening_config = rebuilt, whitening, config
-        self._folded_weight = weight
+        self._rebuild_flat(fold(whitening.apply(raw), grids, image_ids, weight), patch_ids, image_ids)
+        self._whitening, self._whitening_config, self._folded_weight = whitening, config, weight
         return whitening
 
     def _check_training_source(self) -> None:
@@ -562,13 +559,11 @@ class Patchify:
         whole = self._whole_image_patches()
         has = images >= 0
         whole_ids = np.where(has, whole[np.where(has, images, 0)], -1)
-        fused = scores.copy()
-        for row in range(len(queries)):  # R whole-image rows per query (R = the shortlist)
-            ok = whole_ids[row] >= 0
-            if ok.any():
-                g = index.rerank_store.rows(whole_ids[row][ok]) @ queries[row]
-                fused[row, ok] = weight * g + (1.0 - weight) * scores[row, ok]
-        fused[~has] = -np.inf
+        fused = np.where(has, scores, -np.inf)
+        rows, cols = np.nonzero(whole_ids >= 0)  # all queries' shortlisted whole-image rows, decoded in one call
+        if len(rows):
+            g = np.einsum("nd,nd->n", index.rerank_store.rows(whole_ids[rows, cols]), queries[rows])
+            fused[rows, cols] = weight * g + (1.0 - weight) * scores[rows, cols]
         order = np.argsort(-fused, axis=1, kind="stable")[:, :min(k, fused.shape[1])]
         return (np.take_along_axis(fused, order, axis=1).astype(np.float32),
                 np.take_along_axis(images, order, axis=1), np.take_along_axis(patches, order, axis=1))
@@ -578,11 +573,8 @@ class Patchify:
         cached = self._whole_cache
         if cached is not None and len(cached) == len(self._images):
             return cached
-        whole = np.full(len(self._images), -1, np.int64)
-        rows = np.flatnonzero(self._patches.grid == 1)
-        whole[self._patches.image[rows]] = rows
-        self._whole_cache = whole
-        return whole
+        self._whole_cache = whole_image_rows(self._patches.grid, self._patches.image, len(self._images))
+        return self._whole_cache
 
     def _hits(self, scores: np.ndarray, image_ids: np.ndarray, patch_ids: np.ndarray) -> list[Hit]:
         hits = []

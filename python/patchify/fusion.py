@@ -22,14 +22,23 @@ from __future__ import annotations
 import numpy as np
 
 
-def _global_rows(grid: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, the row of its image's whole-image patch (-1 if the image has none among these rows)."""
+def whole_image_rows(grid: np.ndarray, image: np.ndarray, n_images: int | None = None) -> np.ndarray:
+    """Per image id (0 .. n_images - 1, default max id + 1), the row of its whole-image (grid 1) patch among these
+    rows, -1 where it has none."""
+    grid, image = np.asarray(grid), np.asarray(image)
+    n = (int(image.max()) + 1 if len(image) else 0) if n_images is None else n_images
+    lookup = np.full(n, -1, np.int64)
     whole = np.flatnonzero(grid == 1)
-    if len(image) == 0:
-        return np.zeros(0, np.int64), whole
-    lookup = np.full(int(image.max()) + 1, -1, np.int64)
     lookup[image[whole]] = whole
-    return lookup[image], whole
+    return lookup
+
+
+def _global_rows(grid: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """For each row, the row of its image's whole-image patch (-1 if the image has none among these rows)."""
+    image = np.asarray(image)
+    if len(image) == 0:
+        return np.zeros(0, np.int64)
+    return whole_image_rows(grid, image)[image]
 
 
 def fold(vectors: np.ndarray, grid: np.ndarray, image: np.ndarray, weight: float) -> np.ndarray:
@@ -37,7 +46,7 @@ def fold(vectors: np.ndarray, grid: np.ndarray, image: np.ndarray, weight: float
     row); other rows unchanged. vectors (n, d) float32, grid and image (n,) per row (image ids >= 0)."""
     if weight == 0.0 or len(vectors) == 0:
         return vectors
-    source, _ = _global_rows(np.asarray(grid), np.asarray(image))
+    source = _global_rows(grid, image)
     has = (source >= 0) & (np.asarray(grid) != 1)  # the whole-image row itself stays G, bit for bit
     out = np.array(vectors, dtype=np.float32, copy=True)
     out[has] = weight * vectors[source[has]] + (1.0 - weight) * vectors[has]
@@ -50,7 +59,7 @@ def unfold(stored: np.ndarray, grid: np.ndarray, image: np.ndarray, weight: floa
         return np.asarray(stored, np.float32)
     if not weight < 1.0:
         raise ValueError("vectors folded with global_weight 1 keep only the whole image: they cannot be unfolded")
-    source, _ = _global_rows(np.asarray(grid), np.asarray(image))
+    source = _global_rows(grid, image)
     has = (source >= 0) & (np.asarray(grid) != 1)
     stored = np.asarray(stored, np.float32)
     out = stored.copy()
