@@ -241,21 +241,23 @@ class IVFPQIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k images per query: (scores, image ids, patch ids), each (nq, min(k, images stored)), best first;
         padded with -inf / -1 where the probed lists hold fewer images."""
-        q = check_queries(queries, self.dim)
-        k = result_width(k, self._num_images)
-        if self.ntotal == 0 or k == 0:  # no image to rank: no columns, whatever k is
-            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
+        q, k = self._checked(queries, k)
+        if k == 0:  # no image to rank: no columns, whatever k is
+            return _no_columns(len(q))
         if self._rerank is None:
             return self._first_stage(q, k)
         return self._two_stage(q, k)
 
     def first_stage(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The fused scanner alone (PQ scores, no re-rank), as `search` returns it."""
+        q, k = self._checked(queries, k)
+        return self._first_stage(q, k) if k else _no_columns(len(q))
+
+    def _checked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """Queries as float32 (nq, dim) and the result width: min(k, images), 0 for an empty index."""
         q = check_queries(queries, self.dim)
-        k = result_width(k, self._num_images)
-        if self.ntotal == 0 or k == 0:
-            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
-        return self._first_stage(q, k)
+        width = result_width(k, self._num_images)  # checks k, also on an empty index
+        return q, (width if self.ntotal else 0)
 
     def _first_stage(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scanner = self._ready_scanner()
@@ -274,10 +276,9 @@ class IVFPQIndex:
         `search` returns them (for re-ranking them further, e.g. global + patch fusion)."""
         if self._rerank is None:
             raise ValueError("search_shortlist needs the re-rank store (rerank='int8' or 'float16')")
-        q = check_queries(queries, self.dim)
-        k = result_width(k, self._num_images)
-        if self.ntotal == 0 or k == 0:
-            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.int64)
+        q, k = self._checked(queries, k)
+        if k == 0:
+            return _no_columns(len(q))
         width = result_width(self.shortlist(k), self._num_images)
         return self._two_stage(q, width, shortlist=width)
 
@@ -456,6 +457,10 @@ class IVFPQIndex:
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
+
+
+def _no_columns(nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.int64)
 
 
 def _check_list_ids(ivf: Any, patch_map: np.ndarray, path: Path) -> None:
