@@ -14,6 +14,7 @@ from . import store
 from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL,
                      RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, index_config_from_dict)
 from .engine import Patchify
+from .whitening import manifest_entry
 
 
 def _check_output_folder(out: Path, overwrite: bool, append: bool) -> None:
@@ -65,26 +66,28 @@ def cmd_index(args: argparse.Namespace) -> int:
           f"in {seconds:.1f} s; skipped {len(report.skipped)}; the index holds {engine.n_images} images")
     print(f"backbone: {backbone.name} [{backbone.weights}] on {backbone.provider}")
     print(f"index: {out} ({engine.index_config.kind}, {store.folder_bytes(out):,} bytes on disk)")
-    print(f"whitening: {_whitening_summary(engine.whitening, engine.whitening_config, engine.n_patches)}; "
-          f"global weight {engine.effective_global_weight:g}")
+    entry = manifest_entry(engine.whitening, engine.whitening_config)
+    print(f"whitening: {_whitening_text(entry, engine.n_patches)}; global weight {engine.effective_global_weight:g}")
     for note in report.notes:
         print(f"note: {note}")
     return 0
 
 
-def _whitening_summary(whitening: Any, config: Any, n_patches: int) -> str:
-    if config is None:
+def _whitening_text(entry: dict[str, Any] | None, n_patches: int) -> str:
+    """A saved index's whitening (its manifest entry, see patchify.whitening.manifest_entry) in words."""
+    if entry is None:
         return "none (raw cosines)"
-    if whitening is None:
-        return (f"pending (learns once the index holds {config.min_vectors} patches; it holds {n_patches}, "
+    config = entry["config"]
+    if not entry.get("learned"):
+        return (f"pending (learns once the index holds {config['min_vectors']} patches; it holds {n_patches}, "
                 "searched as raw cosines until then)")
+    learned_on = entry["learned_on_vectors"]
     stale = ""
-    if whitening.learned_on_vectors < n_patches // 2:
+    if learned_on < n_patches // 2:
         stale = "; the index has grown since: Patchify.relearn_whitening() learns on everything"
-    return (f"learned on {whitening.learned_on_vectors:,} {whitening.learned_from} of "
-            f"{whitening.learned_on_images:,} images "
-            f"(power {config.power}, shrinkage {config.shrinkage}, {whitening.input_dim}->{whitening.output_dim} "
-            f"dims){stale}")
+    return (f"learned on {learned_on:,} {entry.get('learned_from', 'patches')} of {entry['learned_on_images']:,} "
+            f"images (power {config['power']}, shrinkage {config['shrinkage']}, {entry['input_dim']}->"
+            f"{entry['output_dim']} dims){stale}")
 
 
 def _index_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,17 +140,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         need = configured.min_training_vectors() if isinstance(configured, IVFPQConfig) else 0
         print(f"configured: {target['kind']} ({', '.join(f'{k}={v}' for k, v in target.items() if k != 'kind')}); "
               f"searched exactly until it has {need:,} patches to train on")
-    whitening = manifest.get("whitening")
-    if manifest["format_version"] < 3 or whitening is None:
-        print("whitening: none (raw cosines)")
-    elif not whitening.get("learned"):
-        print(f"whitening: pending ({whitening['config']})")
-    else:
-        config = whitening["config"]
-        source = whitening.get("learned_from", "patches")
-        print(f"whitening: learned on {whitening['learned_on_vectors']:,} {source} of "
-              f"{whitening['learned_on_images']:,} images (power {config['power']}, shrinkage {config['shrinkage']}, "
-              f"{whitening['input_dim']}->{whitening['output_dim']} dims)")
+    whitening = manifest.get("whitening") if manifest["format_version"] >= 3 else None
+    print(f"whitening: {_whitening_text(whitening, int(manifest['n_patches']))}")
     weight = manifest.get("scoring", {}).get("global_weight", 0.0)
     if weight is None:  # the default rule
         weight = DEFAULT_GLOBAL_WEIGHT if whitening is not None and whitening.get("learned") else 0.0

@@ -42,7 +42,7 @@ from .backbones.cache import sha256_of
 from .config import FlatConfig, IndexConfig, TilingConfig, WhiteningConfig, check_global_weight, index_config_from_dict
 from .errors import IndexFormatError
 from .records import ImageRecord, PatchTable
-from .whitening import WHITENING_FILE, Whitening
+from .whitening import WHITENING_FILE, Whitening, manifest_entry
 
 if TYPE_CHECKING:
     from .index.base import PatchIndex
@@ -127,11 +127,6 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
         written = [IMAGES, PATCHES, *index.save_files(staging)]
         if whitening is not None:
             written.append(whitening.save_file(staging))
-        whitening_entry: dict[str, Any] | None = None
-        if whitening is not None:
-            whitening_entry = {"learned": True, **whitening.describe()}
-        elif whitening_config is not None:
-            whitening_entry = {"learned": False, "config": whitening_config.to_dict()}
         files = {name: {"bytes": (staging / name).stat().st_size, "sha256": sha256_of(staging / name)}
                  for name in written}
         _write_json(staging / MANIFEST, {
@@ -143,7 +138,7 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
             "index": {"dim": index.dim, **index.config.to_dict()},
             "n_images": len(images),
             "n_patches": len(patches),
-            "whitening": whitening_entry,
+            "whitening": manifest_entry(whitening, whitening_config),
             "scoring": {"global_weight": global_weight, "folded_weight": folded_weight},
             "target_index": target_index.to_dict() if target_index is not None else None,
             "files": files,

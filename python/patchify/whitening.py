@@ -34,6 +34,16 @@ WHITENING_FILE = "whitening.npz"
 _BLOCK_ROWS = 16_384
 
 
+def manifest_entry(whitening: "Whitening | None", config: WhiteningConfig | None) -> dict[str, Any] | None:
+    """What a saved index records about its whitening: None (raw vectors), the settings of one not learned yet, or
+    the learned one's description."""
+    if whitening is not None:
+        return {"learned": True, **whitening.describe()}
+    if config is not None:
+        return {"learned": False, "config": config.to_dict()}
+    return None
+
+
 def learning_images(n_images: int, max_images: int) -> np.ndarray:
     """Which of n images (positions, ascending) a whitening learns from: max_images of them evenly spaced over
     the whole list, not the first ones: collections are often sorted by folder, i.e. by subject, and the first few
