@@ -140,3 +140,25 @@ def test_info_says_an_ivfpq_index_is_searched_exactly_until_it_can_train(photos,
     out = capsys.readouterr().out
     assert "index kind: flat" in out and "configured: ivfpq (" in out
     assert "searched exactly until it has 9,984 patches to train on" in out
+
+
+def test_info_suggests_relearning_only_for_a_whitening_learned_on_fewer_indexed_patches(photos, tmp_path, capsys):
+    from patchify.config import WhiteningConfig
+
+    images = []
+    for path in photos[:10]:
+        with Image.open(path) as img:
+            images.append(np.asarray(img.convert("RGB").reduce(4)))
+    # Learned on 4 images' 4x4 cells (64) while it indexes 140 patches: a sample by design, nothing to relearn.
+    cells = Patchify(backbone=ThumbnailBackbone(), level=2, whitening=WhiteningConfig(learn_images=4))
+    cells.add_images(images)
+    assert main(["info", str(cells.save(tmp_path / "cells"))]) == 0
+    out = capsys.readouterr().out
+    assert "learned on 64 4x4 cells of 4 images" in out and "relearn_whitening" not in out
+    # Learned on the first 70 indexed patches, then grown to 210: relearning would use three times as many.
+    patches = Patchify(backbone=ThumbnailBackbone(), level=2, whitening=WhiteningConfig(learn_grid=None))
+    patches.add_images(images[:5])
+    patches.add_images(images + images[:5])
+    assert main(["info", str(patches.save(tmp_path / "patches"))]) == 0
+    out = capsys.readouterr().out
+    assert "learned on 70 indexed patches of 5 images" in out and "relearn_whitening() learns on everything" in out

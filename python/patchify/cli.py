@@ -82,8 +82,8 @@ def _whitening_text(entry: dict[str, Any] | None, n_patches: int) -> str:
         return (f"pending (learns once the index holds {config['min_vectors']} patches; it holds {n_patches}, "
                 "searched as raw cosines until then)")
     learned_on = entry["learned_on_vectors"]
-    stale = ""
-    if learned_on < n_patches // 2:
+    stale = ""  # only for a whitening learned on the index's own patches: learning on sampled cells is by design
+    if learned_on < n_patches // 2 and entry.get("learned_from", "patches") in ("patches", "indexed patches"):
         stale = "; the index has grown since: Patchify.relearn_whitening() learns on everything"
     return (f"learned on {learned_on:,} {entry.get('learned_from', 'patches')} of {entry['learned_on_images']:,} "
             f"images (power {config['power']}, shrinkage {config['shrinkage']}, {entry['input_dim']}->"
