@@ -132,7 +132,7 @@ def build_engine(data: "sets_module.EncodedSet", level: int, options: dict[str, 
     from patchify import Patchify
     from patchify.records import NewImage, PatchTable
 
-    from patchify.whitening import LearningSet, learning_images
+    from patchify.whitening import LearningSet
 
     engine = Patchify(level=level, **options)
     keep = np.flatnonzero(data.grid <= level + 1)
@@ -140,10 +140,7 @@ def build_engine(data: "sets_module.EncodedSet", level: int, options: dict[str, 
     config = engine.whitening_config
     learning = None
     if config is not None and config.learn_grid is not None:
-        chosen = learning_images(data.n_images, config.learn_images)
-        rows = (data.grid == config.learn_grid) & np.isin(data.image, chosen)
-        learning = LearningSet(data.vectors[rows], len(chosen),
-                               f"{config.learn_grid}x{config.learn_grid} cells")
+        learning = LearningSet.of_grid_cells(config, data.vectors, data.grid, data.image, data.n_images)
     # Patch boxes as int32 (x0, y0, x1, y1), cells only matter for display.
     table = PatchTable(data.image[keep], data.boxes[keep].astype(np.int32), data.grid[keep],
                        np.zeros(len(keep), np.int16))

@@ -638,14 +638,10 @@ def _learning_set(config: WhiteningConfig, vectors: np.ndarray, patches: PatchTa
             raise ValueError(f"whitening_vectors must be (n, {vectors.shape[1]}) like the patch vectors, got shape "
                              f"{learning.vectors.shape}")
         return learning
-    grid = config.learn_grid
-    if grid is not None:
-        rows = patches.grid == grid
-        if limit:
-            rows &= np.isin(patches.image, learning_images(n_images, config.learn_images))
-        if rows.sum() >= config.min_vectors:
-            images = len(np.unique(patches.image[rows]))
-            return LearningSet(vectors[rows], images, f"{grid}x{grid} cells")
+    if config.learn_grid is not None:
+        cells = LearningSet.of_grid_cells(config, vectors, patches.grid, patches.image, n_images, limit=limit)
+        if len(cells.vectors) >= config.min_vectors:
+            return cells
     return LearningSet(vectors, n_images, "indexed patches")
 
 

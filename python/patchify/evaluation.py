@@ -170,10 +170,9 @@ def _learning_cells(config: WhiteningConfig | None, encoder: Encoder, dataset: "
         return None
     grid = config.learn_grid
     description = f"{grid}x{grid} cells"
-    chosen = learning_images(len(dataset.database), config.learn_images)
     if grid in encoder.tiling.grids:
-        rows = (patches.grid == grid) & np.isin(patches.image, chosen)
-        return LearningSet(vectors[rows], int(len(np.unique(patches.image[rows]))), description)
+        return LearningSet.of_grid_cells(config, vectors, patches.grid, patches.image, len(dataset.database))
+    chosen = learning_images(len(dataset.database), config.learn_images)
     started = time.perf_counter()
     cells, n_images = encoder.encode_grid_cells([str(dataset.database[i]) for i in chosen], grid, len(chosen))
     log(f"encoded the whitening's learning cells ({description} of {n_images} images) in "

@@ -62,6 +62,17 @@ class LearningSet:
     n_images: int
     description: str = "vectors"
 
+    @classmethod
+    def of_grid_cells(cls, config: WhiteningConfig, vectors: np.ndarray, grid: np.ndarray, image: np.ndarray,
+                      n_images: int, *, limit: bool = True) -> "LearningSet":
+        """The rows of config.learn_grid among `vectors` (per row: its `grid` and `image`, 0 .. n_images - 1), of
+        the learn_images images `learning_images` picks (all of them when not `limit`); may be empty."""
+        g = config.learn_grid
+        rows = np.asarray(grid) == g
+        if limit:
+            rows &= np.isin(image, learning_images(n_images, config.learn_images))
+        return cls(vectors[rows], int(len(np.unique(np.asarray(image)[rows]))), f"{g}x{g} cells")
+
 
 @dataclass(frozen=True)
 class Whitening:
