@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -190,28 +189,6 @@ def paired_line(a: list[float], b: list[float], resamples: int = 10_000) -> str:
     return f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] ({(d > 1e-9).sum()}/{(d < -1e-9).sum()})"
 
 
-def format_table(results: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> str:
-    cols: list[tuple[str, str]] = []
-    for name in results:
-        cols += [(name, "top1")] if name == "crops" else [(name, "mAP")] + \
-            ([(name, "LocScore")] if name == "composite" else [(name, "R@1")])
-    header = "| setting | " + " | ".join(
-        f"{s} {'top-1 /' + str(len(next(iter(next(iter(results[s].values())).values()))['ap'])) if m == 'top1' else m}"
-        f" L{'/L'.join(str(lv) for lv in sorted(next(iter(results[s].values()))))}" for s, m in cols) + " |"
-    lines = [header, "|" + "---|" * (len(cols) + 1)]
-    for setting in dict.fromkeys(name for per_set in results.values() for name in per_set):
-        cells = []
-        for s, m in cols:
-            if setting not in results[s]:
-                cells.append("-")
-                continue
-            vals = [results[s][setting][lv][m] for lv in sorted(results[s][setting])]
-            cells.append("/".join(str(int(v)) if m == "top1" else ("n/a" if math.isnan(v) else f"{v:.3f}")
-                                  for v in vals))
-        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="crops,grocery,composite")
@@ -275,7 +252,7 @@ def main() -> int:
     for name, data in sets.items():
         print(f"{name}: {data.n_images} database images, {len(data.queries)} queries, "
               f"{len(data.vectors)} patches at L{args.max_level}")
-    print(format_table(results))
+    print(sets_module.format_table(results))
     print("\nPaired per-query AP differences (bootstrap 95 % interval; queries better / worse):")
     default = "whitened + fusion w.25 (default)"
     pairs = ([(default, "raw max (paper)"), (default, "whitened max"),

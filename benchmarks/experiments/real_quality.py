@@ -406,8 +406,8 @@ def format_table(results: dict[str, dict[str, dict[int, dict[str, float]]]]) -> 
 
     header = "| method | " + " | ".join(f"{s} {m} {levels(s)}" for s, m in cols) + " |"
     lines = [header, "|" + "---|" * (len(cols) + 1)]
-    methods = next(iter(results.values())).keys()
-    for method in methods:
+    # every method of any set (a set may skip some, e.g. one it is too small for), first-seen order
+    for method in dict.fromkeys(name for per_set in results.values() for name in per_set):
         cells = []
         for s, m in cols:
             if method not in results[s]:
