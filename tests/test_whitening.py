@@ -259,6 +259,17 @@ def test_ivfpq_fuses_in_its_second_stage_as_defined(thumbnail_backbone):
         ref_scores, ref_ids = _brute_force_fused(vectors, table.image, table.grid, queries, 10, weight)
         np.testing.assert_allclose(scores, ref_scores, atol=2e-3)  # float16 copies
         assert (ids == ref_ids).mean() > 0.95
+    # Images added after a search (the whole-image rows are extended, not recomputed) are fused the same way.
+    more, more_table, more_images = _images(20, seed=8)
+    engine.add_embeddings(more, more_table, more_images)
+    engine.index.rerank_shortlist = 320
+    all_vectors = np.concatenate([vectors, more])
+    all_image = np.concatenate([table.image, more_table.image + 300])
+    all_grid = np.concatenate([table.grid, more_table.grid])
+    scores, ids, _ = engine.search_vectors(queries, 10)
+    ref_scores, ref_ids = _brute_force_fused(all_vectors, all_image, all_grid, queries, 10, 0.6)
+    np.testing.assert_allclose(scores, ref_scores, atol=2e-3)
+    assert (ids == ref_ids).mean() > 0.95
 
 
 def test_removed_images_never_come_back_through_fusion(thumbnail_backbone):

@@ -401,6 +401,10 @@ class Patchify:
         self._images.extend(ImageRecord(first_image + i, image.name, int(image.width), int(image.height))
                             for i, image in enumerate(images))
         self._patches.append(patches.with_image(image_ids))
+        if self._whole_cache is not None and len(self._whole_cache) == first_image:  # extend, do not recompute
+            new_rows = whole_image_rows(patches.grid, patches.image, len(images))
+            self._whole_cache = np.concatenate([self._whole_cache, np.where(new_rows >= 0, new_rows + first_patch,
+                                                                            -1)])
         if self._whitening is None and config is not None and isinstance(index.config, FlatConfig):
             # A flat index holding raw vectors until it had enough to learn from (the first adds were small):
             # learn now on the learning vectors given, else on everything it holds.
@@ -569,7 +573,7 @@ class Patchify:
                 np.take_along_axis(images, order, axis=1), np.take_along_axis(patches, order, axis=1))
 
     def _whole_image_patches(self) -> np.ndarray:
-        """Per image id, the patch id of its whole image (grid 1), -1 if none; recomputed after adds."""
+        """Per image id, the patch id of its whole image (grid 1), -1 if none; built once, extended by adds."""
         cached = self._whole_cache
         if cached is not None and len(cached) == len(self._images):
             return cached
