@@ -43,6 +43,8 @@ class RerankStore:
         self.codec = codec
         self.code_size = 2 * self.dim if codec == "float16" else self.dim
         self._sq: Any = None  # faiss.ScalarQuantizer for int8, once trained
+        # int8: its per-dimension minimum and range (faiss QT_8bit), what the C++ scorer reads; empty for float16
+        self._vmin = self._vdiff = np.zeros(0, np.float32)
         self._base = np.zeros((0, self.code_size), np.uint8)  # memory-mapped rows (after load with mmap) or empty
         self._tail = np.zeros((0, self.code_size), np.uint8)  # rows in RAM, amortised growth
         self._n_tail = 0
@@ -134,16 +136,12 @@ class RerankStore:
         """Decoded float32 vectors (n, dim) of these patch ids."""
         return self.decode(self._codes(patch_ids))
 
-
     def max_over_images(self, queries: np.ndarray, candidates: np.ndarray, image_patches: "ImagePatches",
                         num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """For candidates (nq, r) image ids (-1 = none): the max score over each image's patches and the patch
         reaching it, (nq, r) each (-inf / -1 for none). The C++ scorer (cpp/src/patchify/rerank.h), GIL released."""
-        empty = np.zeros(0, np.float32)
-        int8 = self.codec == "int8"
         return _core.rerank_max(self.codec, np.ascontiguousarray(self._base), self._tail[:self._n_tail],
-                                self._vmin if int8 else empty, self._vdiff if int8 else empty,
-                                image_patches.starts, image_patches.patch_ids,
+                                self._vmin, self._vdiff, image_patches.starts, image_patches.patch_ids,
                                 np.ascontiguousarray(queries, np.float32),
                                 np.ascontiguousarray(candidates, np.int64), num_threads)
 
