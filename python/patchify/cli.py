@@ -1,4 +1,4 @@
-"""Command line: `patchify index`, `patchify search`, `patchify info` (and `patchify eval`)."""
+"""Command line: `patchify index`, `patchify search`, `patchify info`, `patchify serve` (and `patchify eval`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ from .errors import PatchifyError
 
 from . import store
 from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL,
-                     RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, index_config_from_dict)
+                     RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, ServeConfig,
+                     index_config_from_dict)
 from .engine import Patchify
 from .whitening import manifest_entry
 
@@ -154,6 +155,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     elif manifest.get("files"):
         print("checked: every file the manifest lists is present with its size (--verify also checks sha256)")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as exc:
+        print(f"error: patchify serve needs the serve extra (pip install \"patchify[serve]\"): {exc}", file=sys.stderr)
+        return 2
+    token = args.token if args.token is not None else os.environ.get(TOKEN_VARIABLE) or None
+    serve(args.index_dir, ServeConfig(host=args.host, port=args.port, token=token))
+    return 0
+
+
+TOKEN_VARIABLE = "PATCHIFY_SERVE_TOKEN"
 
 
 def _load_dataset(args: argparse.Namespace):
@@ -300,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--verify", action="store_true",
                       help="also read every file, check its sha256 and load the index (without it: sizes only)")
     info.set_defaults(func=cmd_info)
+    serve = sub.add_parser("serve", help="serve an index over HTTP: JSON API and a search page",
+                           formatter_class=formatter)
+    serve.add_argument("index_dir", type=Path, help="index folder (made by patchify index); adds are saved there")
+    serve.add_argument("--host", default=ServeConfig.host,
+                       help="address to listen on (loopback by default: 0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=int, default=ServeConfig.port, help="port to listen on")
+    serve.add_argument("--token", default=None,
+                       help=f"token the write endpoints (add, remove) require as 'Authorization: Bearer TOKEN' "
+                            f"(default: ${TOKEN_VARIABLE}; none: writes are open to whoever reaches the server)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

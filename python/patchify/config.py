@@ -313,3 +313,33 @@ def index_config(spec: "str | IndexConfig" = "flat", **settings: Any) -> IndexCo
     if spec.upper().startswith("IVF"):
         return IVFPQConfig.from_factory(spec, **given)
     raise ValueError(f"index must be 'flat', 'ivfpq' or a faiss factory string like 'IVF1024,PQ48', got {spec!r}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`patchify serve` (patchify.serve): where it listens and what it accepts from a request.
+
+    host: loopback by default, so nothing outside the machine reaches it unless asked. token: when set, the write
+    endpoints (add, remove) need `Authorization: Bearer <token>`. max_upload_bytes bounds a whole request body;
+    max_pixels bounds each decoded image (checked from its header before decoding: decompression bombs);
+    max_files: images per batch search or add; max_k: hits per query (k beyond it is refused, not clamped, so a
+    client learns its request was not served as asked); max_vectors: descriptors per vector search."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_upload_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_files: int = 16
+    max_k: int = 1000
+    max_vectors: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in [0, 65535], got {self.port!r}")
+        for name in ("max_upload_bytes", "max_pixels", "max_files", "max_k", "max_vectors"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.token is not None and not self.token:
+            raise ValueError("token must be a non-empty string or None (no token: write endpoints are open)")

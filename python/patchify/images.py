@@ -4,6 +4,7 @@ Every failure is an `ImageError` that names the source, so batch work can skip t
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -55,13 +56,27 @@ def load_rgb(source: ImageSource, *, max_pixels: int | None = None) -> np.ndarra
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source, name, max_pixels)
     if isinstance(source, (str, os.PathLike)):
-        outer = getattr(_call_limit, "max_pixels", None)
-        _call_limit.max_pixels = max_pixels  # for decoding and for EXIF rotation (Pillow checks sizes in both)
-        try:
-            return _pil_to_rgb(_open_file(Path(source), name, max_pixels), name, max_pixels)
-        finally:
-            _call_limit.max_pixels = outer
+        return _decode_file(Path(source), name, max_pixels)
     raise ImageError(name, "expected a file path, a PIL image or an HxWx3 uint8 numpy array")
+
+
+def decode_bytes(data: bytes, name: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """`load_rgb` for an encoded image held in memory (e.g. an HTTP upload): the same checks, conversions and
+    errors, which name it `name`."""
+    if max_pixels is None:
+        max_pixels = DEFAULT_MAX_PIXELS
+    if not data:
+        raise ImageError(name, "empty file")
+    return _decode_file(io.BytesIO(data), name, int(max_pixels))
+
+
+def _decode_file(file: "Path | io.BytesIO", name: str, max_pixels: int) -> np.ndarray:
+    outer = getattr(_call_limit, "max_pixels", None)
+    _call_limit.max_pixels = max_pixels  # for decoding and for EXIF rotation (Pillow checks sizes in both)
+    try:
+        return _pil_to_rgb(_open_file(file, name, max_pixels), name, max_pixels)
+    finally:
+        _call_limit.max_pixels = outer
 
 
 class _TooLarge(Image.DecompressionBombError):
@@ -96,10 +111,10 @@ if _pillow_bomb_check is not None and getattr(_pillow_bomb_check, "__name__", ""
 # Else (a Pillow without this hook) Pillow's own limit still applies on top of ours.
 
 
-def _open_file(path: Path, name: str, max_pixels: int) -> Image.Image:
-    if not path.exists():
+def _open_file(path: "Path | io.BytesIO", name: str, max_pixels: int) -> Image.Image:
+    if isinstance(path, Path) and not path.exists():
         raise ImageError(name, "file not found")
-    if path.is_dir():
+    if isinstance(path, Path) and path.is_dir():
         raise ImageError(name, "is a directory, not an image file")
     try:
         image = Image.open(path)  # reads the header only; _bomb_check refuses a too large size here

@@ -8,6 +8,9 @@ A saved index is a folder:
   index files     written by the index (`save_files`), holding data only, no settings:
                   flat: flat_vectors.npy, flat_patch_ids.npy; ivfpq: ivfpq_index.faiss
   whitening.npz   the learned whitening's mean and projection (absent when the index holds raw vectors)
+  images/         image files the index owns (those uploaded to `patchify serve`), named by the image records;
+                  not in the manifest (the index loads and searches without them) and carried into every later
+                  save of the folder by hard links (copies where links fail), so a save replaces the folder whole
 
 Version history (every version stays loadable; fixtures in tests/fixtures/indices/vN):
   1: settings split between manifest.json and ivfpq_meta.json (the loader trusted the manifest, so a changed
@@ -21,7 +24,9 @@ Version history (every version stays loadable; fixtures in tests/fixtures/indice
      rerank_sq.npy).
 
 Saving is atomic: everything is written into a sibling temporary folder that then replaces the target with
-renames, so a crash never leaves a half-written index where a good one was.
+renames, so a crash never leaves a half-written index where a good one was. The two renames (target -> a retired
+sibling, staging -> target) leave an instant with no target: `recover_interrupted_save` puts the retired one
+back after a crash in that instant.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ SUPPORTED_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 IMAGES = "images.json"
 PATCHES = "patches.npz"
+OWNED_IMAGES = "images"
 
 
 @dataclass
@@ -99,12 +105,48 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         if not (target / MANIFEST).exists() and any(target.iterdir()):
             shutil.rmtree(staging, ignore_errors=True)
             raise IndexFormatError(f"{target}: exists and is not a Patchify index; refusing to overwrite it")
-        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        retired = target.parent / f"{_retired_prefix(target)}{uuid.uuid4().hex[:8]}"
         os.replace(target, retired)
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def _retired_prefix(target: Path) -> str:
+    return f".{target.name}.old-"
+
+
+def recover_interrupted_save(target: str | os.PathLike) -> Path | None:
+    """After a crash between a save's two renames (`atomic_directory`), `target` is missing and the last saved
+    index is in a retired sibling: renames it back and returns its path (None when there was nothing to do).
+    Call it only where no other process may be saving to `target` (e.g. a server starting on its index)."""
+    target = Path(target)
+    if (target / MANIFEST).exists():
+        return None
+    retired = [p for p in target.parent.glob(f"{_retired_prefix(target)}*") if (p / MANIFEST).is_file()]
+    if not retired or (target.exists() and any(target.iterdir())):
+        return None
+    if target.exists():
+        target.rmdir()
+    newest = max(retired, key=lambda p: p.stat().st_mtime)
+    os.replace(newest, target)
+    return newest
+
+
+def _carry_over_owned_images(target: Path, staging: Path) -> None:
+    """The image files the index folder owns (OWNED_IMAGES), into the folder about to replace it: hard links cost
+    no copy and keep the files shared until the old folder is deleted."""
+    source = target / OWNED_IMAGES
+    if not source.is_dir():
+        return
+    (staging / OWNED_IMAGES).mkdir()
+    for path in source.iterdir():
+        if path.is_file() and not path.is_symlink():
+            try:
+                os.link(path, staging / OWNED_IMAGES / path.name)
+            except OSError:  # a file system without hard links
+                shutil.copy2(path, staging / OWNED_IMAGES / path.name)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -120,6 +162,7 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
     """Writes a complete index folder atomically (format FORMAT_VERSION)."""
     directory = Path(directory)
     with atomic_directory(directory) as staging:
+        _carry_over_owned_images(directory, staging)
         _write_json(staging / IMAGES, [image.to_dict() for image in images])
         columns = patches.arrays()
         np.savez(staging / PATCHES, image=columns["image"], box=columns["box"], grid=columns["grid"],
