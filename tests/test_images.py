@@ -148,3 +148,21 @@ def test_list_image_files(tmp_path):
     assert [p.name for p in list_image_files(tmp_path)] == ["a.png", "b.jpg"]
     with pytest.raises(FileNotFoundError):
         list_image_files(tmp_path / "nope")
+
+
+def test_decode_bytes_checks_like_load_rgb(tmp_path):
+    """Uploads are decoded from memory with load_rgb's checks and conversions, errors naming the upload."""
+    from patchify.images import decode_bytes
+
+    photo = sorted((Path(__file__).resolve().parents[1] / "data" / "photos").glob("*.jpg"))[0]
+    data = photo.read_bytes()
+    np.testing.assert_array_equal(decode_bytes(data, "a.jpg"), load_rgb(photo))
+    for payload, words in ((b"", "empty file"), (b"plain text", "not a recognised image format"),
+                           (data[: len(data) // 2], "truncated")):
+        with pytest.raises(ImageError, match=words) as caught:
+            decode_bytes(payload, "upload.jpg")
+        assert caught.value.source == "upload.jpg"
+    bomb = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(bomb, format="PNG")
+    with pytest.raises(ImageError, match="too large"):
+        decode_bytes(bomb.getvalue(), "bomb.png", max_pixels=1_000_000)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, MutableMapping, Optional
+from typing import Annotated, Any, Awaitable, Callable, MutableMapping, Optional
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
@@ -54,7 +54,7 @@ def create_app(served: ServedIndex) -> FastAPI:
             raise HTTPException(422, f"k must be an integer in [1, {config.max_k}] (this server's limit), got {k}")
         return k
 
-    def require_token(authorization: Optional[str] = Header(None)) -> None:
+    def require_token(authorization: Annotated[Optional[str], Header()] = None) -> None:
         if config.token is None:
             return
         given = (authorization or "").removeprefix("Bearer ").strip()
@@ -108,10 +108,10 @@ def create_app(served: ServedIndex) -> FastAPI:
                 "writes_need_token": config.token is not None}
 
     @app.post("/api/search")
-    def search(image: UploadFile = File(..., description="the query image"),
-               box: Optional[str] = Form(None, description="x0,y0,x1,y1 in the image's pixels (exclusive max); "
-                                                           "omit for the whole image"),
-               k: int = Form(10)) -> dict[str, Any]:
+    def search(image: Annotated[UploadFile, File(description="the query image")],
+               box: Annotated[Optional[str], Form(description="x0,y0,x1,y1 in the image's pixels (exclusive max); "
+                                                              "omit for the whole image")] = None,
+               k: Annotated[int, Form()] = 10) -> dict[str, Any]:
         """Searches with an uploaded image, or the box of it the query names (the server crops)."""
         k = check_k(k)
         pixels = served.decode(read(image))
@@ -126,8 +126,8 @@ def create_app(served: ServedIndex) -> FastAPI:
                 "hits": [hit_json(hit) for hit in hits], "seconds": time.perf_counter() - started}
 
     @app.post("/api/search/batch")
-    def search_batch(images: list[UploadFile] = File(..., description="query images, whole"),
-                     k: int = Form(10)) -> dict[str, Any]:
+    def search_batch(images: Annotated[list[UploadFile], File(description="query images, whole")],
+                     k: Annotated[int, Form()] = 10) -> dict[str, Any]:
         k = check_k(k)
         check_count(images)
         uploads = [read(image) for image in images]
@@ -148,7 +148,7 @@ def create_app(served: ServedIndex) -> FastAPI:
         return {"results": [[hit_json(hit) for hit in hits] for hits in results]}
 
     @app.post("/api/images", dependencies=[Depends(require_token)])
-    def add_images(images: list[UploadFile] = File(..., description="images to add")) -> JSONResponse:
+    def add_images(images: Annotated[list[UploadFile], File(description="images to add")]) -> JSONResponse:
         """Adds images (stored in the index folder) and saves the index; bad files are skipped and reported. 422
         when none could be added."""
         check_count(images)

@@ -155,7 +155,7 @@ class ServedIndex:
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k images for each descriptor row; the library checks dimension, finiteness, k and emptiness."""
         with self._lock.reading():
-            return self._engine.search_batch(np.asarray(vectors), k=k)
+            return self._engine.search_batch(list(np.atleast_2d(vectors)), k=k)
 
     def info(self) -> dict[str, Any]:
         with self._lock.reading():
