@@ -225,59 +225,66 @@ def test_write_endpoints_need_the_token_when_one_is_set(index_dir: Path) -> None
 
 # ---------------------------------------------------------------------------------------------------- faults
 def test_kill_9_during_adds_loses_nothing_saved(index_dir: Path) -> None:
-    """Adds stream in from two clients while searches run; the server is killed (SIGKILL) mid-stream. Restarted,
-    the index loads, searches, and holds every image whose add was answered, with its file."""
-    server = ThumbnailServer(index_dir).start()
+    """Adds stream in from two clients while searches run; the server is killed (SIGKILL) mid-stream, three times
+    (each kill lands somewhere else: encoding, appending, storing the file, saving). Restarted each time, the index
+    loads, searches, and holds every image whose add was answered, with its file."""
     acknowledged: list[tuple[int, bytes]] = []
     failures: list[str] = []
-    stop = threading.Event()
+    for round_ in range(3):
+        server = ThumbnailServer(index_dir).start()
+        stop = threading.Event()
+        answered_before = len(acknowledged)
 
-    def add(first_seed: int) -> None:
-        seed = first_seed
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            while not stop.is_set():
-                data = distinct_photo(seed)
-                seed += 2
-                try:
-                    response = client.post("/api/images", files=[("images", (f"{seed}.jpg", data))])
-                except httpx.TransportError:
-                    return  # killed under us: this add was never answered
-                if response.status_code != 200:
-                    failures.append(response.text)
-                    return
-                acknowledged.append((response.json()["added"][0]["id"], data))
+        def add(first_seed: int, url: str = server.url, stop: threading.Event = stop) -> None:
+            seed = first_seed
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while not stop.is_set():
+                    data = distinct_photo(seed)
+                    seed += 2
+                    try:
+                        response = client.post("/api/images", files=[("images", (f"{seed}.jpg", data))])
+                    except httpx.TransportError:
+                        return  # killed under us: this add was never answered
+                    if response.status_code != 200:
+                        failures.append(response.text)
+                        return
+                    acknowledged.append((response.json()["added"][0]["id"], data))
 
-    def searching() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    client.post("/api/search/vector", json={"vectors": [[1.0] * 192], "k": 5}).raise_for_status()
-                except httpx.TransportError:
-                    return
+        def searching(url: str = server.url, stop: threading.Event = stop) -> None:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                while not stop.is_set():
+                    try:
+                        response = client.post("/api/search/vector", json={"vectors": [[1.0] * 192], "k": 5})
+                    except httpx.TransportError:
+                        return
+                    if response.status_code != 200:
+                        failures.append(response.text)
+                        return
 
-    threads = [threading.Thread(target=add, args=(s,)) for s in (100, 101)] + [threading.Thread(target=searching)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 20
-    while len(acknowledged) < 6 and time.monotonic() < deadline and not failures:
-        time.sleep(0.01)
-    server.kill()  # adds in flight: some are between their encoding, add_embeddings and save
-    stop.set()
-    for thread in threads:
-        thread.join()
-    assert not failures, failures
-    assert len(acknowledged) >= 6
+        threads = [threading.Thread(target=add, args=(1000 * round_ + s,)) for s in (100, 101)]
+        threads.append(threading.Thread(target=searching))
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while len(acknowledged) < answered_before + 4 + round_ and time.monotonic() < deadline and not failures:
+            time.sleep(0.01)
+        server.kill()  # adds in flight
+        stop.set()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures
+        assert len(acknowledged) >= answered_before + 4 + round_
 
-    with ThumbnailServer(index_dir) as restarted:
-        info = httpx.get(f"{restarted.url}/api/info").json()
-        assert info["n_images"] >= 20 + len(acknowledged)
-        for image_id, data in acknowledged:
-            assert httpx.get(f"{restarted.url}/api/images/{image_id}").content == data
-        image_id, data = acknowledged[-1]
-        assert search(restarted.url, data, k=1).json()["hits"][0]["id"] == image_id
-    stored = {p.name for p in (index_dir / store.OWNED_IMAGES).iterdir()}
-    recorded = {Path(r.name).name for r in Patchify.load(index_dir, backbone=ThumbnailBackbone()).images[20:]}
-    assert stored == recorded  # unrecorded files a crash left are deleted at start
+        with ThumbnailServer(index_dir) as restarted:
+            info = httpx.get(f"{restarted.url}/api/info").json()
+            assert info["n_images"] >= 20 + len(acknowledged)
+            for image_id, data in acknowledged:
+                assert httpx.get(f"{restarted.url}/api/images/{image_id}").content == data
+            image_id, data = acknowledged[-1]
+            assert search(restarted.url, data, k=1).json()["hits"][0]["id"] == image_id
+        stored = {p.name for p in (index_dir / store.OWNED_IMAGES).iterdir()}
+        recorded = {Path(r.name).name for r in Patchify.load(index_dir, backbone=ThumbnailBackbone()).images[20:]}
+        assert stored == recorded  # unrecorded files a crash left are deleted at start
 
 
 def test_a_crash_between_the_save_renames_is_recovered(index_dir: Path) -> None:
