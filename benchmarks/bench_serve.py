@@ -3,12 +3,14 @@ box), adds streaming in at the same time; then every answered add is checked to 
 a restart. Bounded: it stops after --seconds and stops the server it started.
 
     PYTHONPATH=python python benchmarks/bench_serve.py [--clients 16] [--seconds 30] [--synthetic 2000]
+    PYTHONPATH=python python benchmarks/bench_serve.py --index INDEX_DIR ...   # an index of yours, its own backbone
 
 The server is a real uvicorn process (tests/serve_thumbnail.py) over an index of the 20 shipped photos plus
 --synthetic images of random patch vectors (14 patches each, L2), encoded by the tests' thumbnail backbone: the
 load test measures the service (HTTP, uploads, decoding, locking, search, saving), not the backbone. With the real
 DINOv2 backbone an image query or an add costs ~0.1-0.2 s more per image on this CPU, which would only measure
-the backbone. Overhead over the library: the server's p50 for one client at a time minus the same query's p50
+the backbone; `--index` measures that instead (`patchify serve` on a copy of a saved index, e.g. the real-backbone
+index of data/photos). Overhead over the library: the server's p50 for one client at a time minus the same query's p50
 through the library called in this process (same index, same request: decode + crop + search, or search by vector).
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import PHOTOS, ThumbnailBackbone  # noqa: E402
-from serve_thumbnail import ThumbnailServer, build_index  # noqa: E402
+from serve_thumbnail import CliServer, ThumbnailServer, build_index  # noqa: E402
 
 from patchify import Patchify, _core  # noqa: E402
 from patchify.images import decode_bytes  # noqa: E402
@@ -62,7 +64,7 @@ def build(directory: Path, synthetic: int, seed: int = 0) -> Path:
 class Queries:
     """The requests every client draws from: photo crops (JPEG bytes + a box) and descriptor vectors."""
 
-    def __init__(self, seed: int = 1) -> None:
+    def __init__(self, dim: int, seed: int = 1) -> None:
         rng = np.random.default_rng(seed)
         self.images = []
         for path in sorted(PHOTOS.glob("*"))[:10]:
@@ -71,7 +73,7 @@ class Queries:
             x0, y0 = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
             box = (x0, y0, x0 + width // 3, y0 + height // 3)
             self.images.append((path.name, data, box))
-        self.vectors = rng.standard_normal((64, 192)).astype(np.float32)
+        self.vectors = rng.standard_normal((64, dim)).astype(np.float32)
 
     def new_image(self, seed: int) -> bytes:
         """A distinct image to add: a seeded crop of a photo, as JPEG."""
@@ -103,9 +105,8 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
             "max_ms": float(ms.max())}
 
 
-def library_baseline(index_dir: Path, queries: Queries, repeats: int) -> dict[str, dict[str, float]]:
+def library_baseline(engine: Patchify, queries: Queries, repeats: int) -> dict[str, dict[str, float]]:
     """The same work through the library in this process: what the server adds on top is the overhead."""
-    engine = Patchify.load(index_dir, backbone=ThumbnailBackbone())
     times: dict[str, list[float]] = defaultdict(list)
     for i in range(repeats):
         started = time.perf_counter()
@@ -209,23 +210,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the load runs")
     parser.add_argument("--synthetic", type=int, default=2000, help="synthetic images beside the 20 photos")
     parser.add_argument("--repeats", type=int, default=100, help="one-at-a-time requests for the overhead")
+    parser.add_argument("--index", type=Path, default=None,
+                        help="serve a copy of this saved index with its own backbone (patchify serve) instead of "
+                             "the thumbnail-backbone index built here")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     try:
-        index_dir = build(workdir / "index", args.synthetic)
-        base_images = 20 + args.synthetic
-        queries = Queries()
-        direct = library_baseline(index_dir, queries, args.repeats)
-        server = ThumbnailServer(index_dir).start()
+        if args.index is None:
+            index_dir = build(workdir / "index", args.synthetic)
+            engine = Patchify.load(index_dir, backbone=ThumbnailBackbone())
+            server = ThumbnailServer(index_dir)
+        else:
+            index_dir = Path(shutil.copytree(args.index, workdir / "index"))
+            engine = Patchify.load(index_dir)
+            server = CliServer(index_dir)
+        base_images = engine.n_images
+        described = {"images": base_images, "patches": engine.n_patches, "dim": engine.input_dim,
+                     "kind": engine.index_config.kind, "backbone": engine.backbone.name}
+        queries = Queries(int(engine.input_dim or 0))
+        direct = library_baseline(engine, queries, args.repeats)
+        del engine
+        server.start(timeout=300)
         try:
             one_at_a_time = sequential(server.url, queries, args.repeats)
             loaded = load(server.url, queries, args.clients, args.seconds, args.adders)
             ids = loaded.pop("acknowledged_ids")
             live = check_lost(server.url, ids, base_images + len(ids))
             server.stop()
-            server.start()
+            server.start(timeout=300)
             restarted = check_lost(server.url, ids, base_images + len(ids))
         finally:
             server.stop()
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": "benchmarks/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {_core.hardware_threads()} hardware threads (shared)",
-        "index": {"images": base_images, "patches_per_image": 14, "dim": 192, "kind": "flat"},
+        "index": described,
         "clients": args.clients, "adders": args.adders,
         "library_p50_ms": {k: v["p50_ms"] for k, v in direct.items()},
         "server_one_client": one_at_a_time,
@@ -250,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _print(r: dict[str, Any]) -> None:
-    print(f"{r['command']}  ({r['machine']}; index {r['index']['images']} images x 14 patches, flat, d=192)")
+    i = r["index"]
+    print(f"{r['command']}  ({r['machine']}; index {i['images']} images, {i['patches']} patches, {i['kind']}, "
+          f"d={i['dim']}, backbone {i['backbone']})")
     print("one request at a time, p50 ms:  library | server | overhead")
     for kind in ("vector", "image"):
         print(f"  {kind:<6} {r['library_p50_ms'][kind]:8.2f} | {r['server_one_client'][kind]['p50_ms']:7.2f} | "

@@ -4,7 +4,8 @@ benchmarks/bench_serve.py start the server here:
 
     python tests/serve_thumbnail.py INDEX_DIR PORT ['{"token": "...", "max_pixels": ...}']   # ServeConfig fields
 
-`ThumbnailServer` starts one on a free loopback port and stops (or kills) it."""
+`ThumbnailServer` starts one on a free loopback port and stops (or kills) it; `CliServer` does the same with
+`patchify serve` and the index's own backbone."""
 from __future__ import annotations
 
 import json
@@ -62,9 +63,7 @@ class ThumbnailServer:
         package_root = Path(patchify.__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")])}
         self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "serve_thumbnail.py"), str(self.index_dir), str(self.port),
-             json.dumps(self.config)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -77,6 +76,10 @@ class ThumbnailServer:
             time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"the server did not answer on {self.url} within {timeout} s")
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(HERE / "serve_thumbnail.py"), str(self.index_dir), str(self.port),
+                json.dumps(self.config)]
 
     def stop(self) -> str:
         """Stops it (SIGTERM, then SIGKILL after 10 s); returns its output."""
@@ -109,6 +112,14 @@ class ThumbnailServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class CliServer(ThumbnailServer):
+    """`patchify serve INDEX_DIR` itself: the index's own (registered) backbone. Config: `token` only."""
+
+    def command(self) -> list[str]:
+        token = ["--token", self.config["token"]] if self.config.get("token") else []
+        return [sys.executable, "-m", "patchify", "serve", str(self.index_dir), "--port", str(self.port), *token]
 
 
 if __name__ == "__main__":
