@@ -76,7 +76,10 @@ COMPRESSION = [
     Setting("IVFPQ one stage, salient training", {**_PQ, "rerank": "none", "training_source": "salient"}),
     Setting("IVFPQ one stage, OPQ", {**_PQ, "rerank": "none"}, opq=True),
 ]
-SUITES = {"scoring": SCORING, "compression": COMPRESSION}
+# Encoding modes (issue "Indexing at a fraction of the backbone cost"): the default scoring only, run once per mode
+# (--precision, --cell-sizing) and compared with the crop-mode float32 run of the same command.
+DEFAULT_ONLY = [Setting("whitened + fusion w.25 (default)", {})]
+SUITES = {"scoring": SCORING, "compression": COMPRESSION, "default": DEFAULT_ONLY}
 
 
 def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, others: np.ndarray | None
@@ -201,13 +204,25 @@ def main() -> int:
     ap.add_argument("--suite", choices=list(SUITES), default="scoring",
                     help="scoring: raw / whitened / fusion; compression: flat vs IVFPQ with and without re-rank")
     ap.add_argument("--min-level", type=int, default=0, choices=range(4))
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
+                    help="backbone precision of the database and query vectors (default: the paper's fp32)")
+    ap.add_argument("--cell-sizing", dest="cell_sizing", default="fixed", choices=["fixed", "fit"],
+                    help="fixed: every cell at 224 px (crop mode); fit: cells at about their own size")
+    ap.add_argument("--min-input-size", dest="min_input_size", type=int, default=None,
+                    help="fit: smallest cell side (default patchify.config.MIN_FIT_INPUT_SIZE)")
+    ap.add_argument("--grocery-every", dest="grocery_every", type=int, default=1,
+                    help="grocery: keep every N-th database photo (a spread subsample; queries unchanged)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--compare", type=Path, default=None, metavar="JSON",
+                    help="a --json of an earlier run (e.g. crop mode): per-query AP differences, this run - that")
     ap.add_argument("--dump-vectors", type=Path, default=None, metavar="DIR",
                     help="also write every set's patch vectors (patches.npy) and queries (queries.npy) there, for "
                          "benchmarks/bench_scoring.py")
     args = ap.parse_args()
 
-    encoder = sets_module.Encoder("dinov2_vits14", args.threads)
+    encoder = sets_module.Encoder("dinov2_vits14", args.threads, args.precision, args.cell_sizing,
+                                  args.min_input_size)
+    print(f"encoding: {encoder.mode}", flush=True)
     sets: dict[str, Any] = {}
     for name in args.sets.split(","):
         if name == "crops":
@@ -216,6 +231,8 @@ def main() -> int:
             from patchify.datasets import load_grocery
 
             dataset = load_grocery(args.grocery, args.grocery_splits.split(","))
+            if args.grocery_every > 1:
+                dataset = dataset.subsample(args.grocery_every)
             sets[name] = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, args.max_level)
         elif name == "composite":
             from patchify.datasets import build_composite_benchmark, load_composite
@@ -255,16 +272,27 @@ def main() -> int:
     print(sets_module.format_table(results))
     print("\nPaired per-query AP differences (bootstrap 95 % interval; queries better / worse):")
     default = "whitened + fusion w.25 (default)"
-    pairs = ([(default, "raw max (paper)"), (default, "whitened max"),
-              (default, "whitened on indexed patches + fusion w.25")] if args.suite == "scoring" else
-             [("IVFPQ + re-rank int8 (default)", "flat (default scoring)"),
-              ("IVFPQ one stage (default scoring)", "flat (default scoring)"),
-              ("IVFPQ, raw max + re-rank int8", "flat, raw max (paper)")])
+    pairs = {"scoring": [(default, "raw max (paper)"), (default, "whitened max"),
+                         (default, "whitened on indexed patches + fusion w.25")],
+             "compression": [("IVFPQ + re-rank int8 (default)", "flat (default scoring)"),
+                             ("IVFPQ one stage (default scoring)", "flat (default scoring)"),
+                             ("IVFPQ, raw max + re-rank int8", "flat, raw max (paper)")],
+             "default": []}[args.suite]  # one setting: compare runs of other modes with --compare
     for name in results:
         for lv in range(args.min_level, args.max_level + 1):
             r = results[name]
             print(f"{name} L{lv}: " + "; ".join(f"{a} vs {b} {paired_line(r[a][lv]['ap'], r[b][lv]['ap'])}"
                                                 for a, b in pairs))
+    if args.compare:
+        before = json.loads(args.compare.read_text())["results"]
+        print(f"\nThis run - {args.compare} ({json.loads(args.compare.read_text())['encoding']}), per-query AP:")
+        for name in results:
+            for setting, by_level in results[name].items():
+                for lv, r in by_level.items():
+                    old = before.get(name, {}).get(setting, {}).get(f"L{lv}")
+                    if old and "ap" in old:
+                        print(f"  {name} L{lv} {setting}: mAP {r['mAP']:.3f} vs {old['mAP']:.3f}, LocScore "
+                              f"{r['LocScore']:.3f} vs {old['LocScore']:.3f}: {paired_line(r['ap'], old['ap'])}")
     if args.suite == "compression":
         from patchify.config import IVFPQConfig
 
@@ -282,9 +310,11 @@ def main() -> int:
                   + "  ".join(f"R={r}: {v:.3f}" for r, v in recall.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        slim = {s: {m: {f"L{lv}": {k: v for k, v in r.items() if k != "ap"} for lv, r in by.items()}
-                    for m, by in per.items()} for s, per in results.items()}
+        # Per-query APs stay in: --compare pairs two runs (e.g. two encoding modes) query by query.
+        slim = {s: {m: {f"L{lv}": dict(r) for lv, r in by.items()} for m, by in per.items()}
+                for s, per in results.items()}
         args.json.write_text(json.dumps({"machine": f"{platform.platform()}, {os.cpu_count()} cpus",
+                                         "encoding": encoder.mode,
                                          "args": {k: str(v) for k, v in vars(args).items()},
                                          "sets": {n: {"images": d.n_images, "queries": len(d.queries)}
                                                   for n, d in sets.items()},

@@ -56,6 +56,27 @@ class ThumbnailBackbone:
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
+class ResizableThumbnailBackbone(ThumbnailBackbone):
+    """The thumbnail encoder taking any input side that is a multiple of 8 (as a ViT with patch size 8 whose
+    position embeddings follow the input), recording the sides it was given: for cell sizing ("fit") tests."""
+
+    name = "resizable-thumbnail-test"
+    patch_size = 8
+
+    def __init__(self, input_size: int = 64) -> None:
+        super().__init__(input_size)
+        self.identity["model"] = self.name
+        self.sizes: list[int] = []
+
+    def accepts_input_size(self, size: int) -> bool:
+        return size >= self.patch_size and size % self.patch_size == 0
+
+    def encode(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        assert self.accepts_input_size(pixels.shape[2]) and pixels.shape[2] == pixels.shape[3], pixels.shape
+        self.sizes.append(int(pixels.shape[2]))
+        return super().encode(pixels, batch_size)
+
+
 @pytest.fixture
 def thumbnail_backbone() -> ThumbnailBackbone:
     return ThumbnailBackbone()

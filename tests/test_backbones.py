@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import env_importing_tested_patchify
 from patchify.backbones import (
     BACKBONES,
@@ -316,3 +317,60 @@ def test_clip_siglip_towers_random_weights(model: str, dim: int, mean: float, tm
     with torch.no_grad():
         expected = torch.nn.functional.normalize(reference(torch.from_numpy(x)), dim=-1).numpy()
     assert np.abs(got - expected).max() < 1e-5
+
+
+# -- input sizes and precisions (issue "Indexing at a fraction of the backbone cost") -------------------------------
+
+def _photo_pixels(photo: Path, size: int) -> np.ndarray:
+    from patchify.preprocess import Preprocess
+    from patchify.tiling import prepare_whole_images
+
+    return prepare_whole_images([np.asarray(Image.open(photo).convert("RGB"))], Preprocess(input_size=size))
+
+
+def test_default_backbone_takes_multiples_of_its_patch_size(default_backbone: Backbone, photos: list[Path]) -> None:
+    assert default_backbone.patch_size == 14
+    assert default_backbone.accepts_input_size(112) and default_backbone.accepts_input_size(224)
+    assert not default_backbone.accepts_input_size(100)
+    with pytest.raises(ValueError, match="multiple of 14"):
+        default_backbone.encode(_pixels(1, 100))
+    # The position table is resampled to the input's grid: the same photo at 112 px (8x8 tokens) and 224 px (16x16)
+    # embeds close together, closer than two different photos at the same size. A table taken at the wrong grid
+    # (cut or misaligned) breaks the first.
+    small = [default_backbone.encode(_photo_pixels(p, 112))[0] for p in photos[:3]]
+    large = [default_backbone.encode(_photo_pixels(p, 224))[0] for p in photos[:3]]
+    same = [float(a @ b) for a, b in zip(small, large)]
+    other = [float(small[i] @ large[j]) for i in range(3) for j in range(3) if i != j]
+    assert min(same) > 0.75, same
+    assert min(same) > max(other), (same, other)
+
+
+@pytest.mark.parametrize("precision, min_cosine", [("int8", 0.99), ("fp16", 0.999)])
+def test_lower_precisions_track_fp32(default_backbone: Backbone, backbone_cache: Path, photos: list[Path],
+                                     precision: str, min_cosine: float) -> None:
+    low = load_backbone("dinov2_vits14", num_threads=2, cache_dir=backbone_cache, precision=precision)
+    assert low.precision == precision and low.identity["precision"] == precision
+    assert "precision" not in default_backbone.identity  # fp32 identities are those of indexes built before
+    assert {k: v for k, v in low.identity.items() if k != "precision"} == default_backbone.identity
+    assert low.path is not None and low.path.name == f"model-{precision}.onnx"
+    pixels = np.concatenate([_photo_pixels(p, 224) for p in photos[:4]])
+    small = _photo_pixels(photos[4], 112)  # a fit-sized cell
+    reference = np.concatenate([default_backbone.encode(pixels), default_backbone.encode(small)])
+    approx = np.concatenate([low.encode(pixels), low.encode(small)])
+    cosines = (reference * approx).sum(axis=1)
+    assert cosines.min() >= min_cosine, cosines
+    assert cosines.min() < 1.0 - 1e-7  # it really is another computation
+    assert approx.dtype == np.float32 and np.allclose(np.linalg.norm(approx, axis=1), 1.0, atol=1e-5)
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision must be one of fp32, int8, fp16"):
+        load_backbone("dinov2_vits14", precision="int4")
+
+
+def test_io_binding_gives_the_plain_run(default_backbone: Backbone) -> None:
+    # The CUDA path binds input and output; the binding itself is exercised here on the CPU.
+    pixels = _pixels(2, 112)
+    bound = default_backbone.run_bound(pixels, "cpu")
+    plain = default_backbone.session.run(None, {"pixels": pixels})[0]
+    np.testing.assert_array_equal(bound, plain)

@@ -45,18 +45,40 @@ MAX_LEVEL = 3  # --max-level lowers it (e.g. 1 for the larger grocery train+val 
 
 # ------------------------------------------------------------------------------------------------- encoding
 class Encoder:
-    """Real backbone + the public tiler; one .npz per image (keyed by content and backbone identity)."""
+    """Real backbone + the library's encoder (patchify.encoder.Encoder: tiler, cell sizing, backbone); one .npz per
+    image (keyed by content, backbone identity and cell sizing).
 
-    def __init__(self, backbone_name: str, threads: int) -> None:
+    precision / cell_sizing: the encoding mode (see patchify.config); the defaults here are the paper's crop mode
+    in float32, whose cache namespace predates the modes (the backbone identity alone)."""
+
+    def __init__(self, backbone_name: str, threads: int, precision: str = "fp32", cell_sizing: str = "fixed",
+                 min_input_size: int | None = None) -> None:
         import patchify
+        from patchify.config import MIN_FIT_INPUT_SIZE
 
-        self.backbone = patchify.load_backbone(backbone_name, num_threads=threads)
+        self.backbone = patchify.load_backbone(backbone_name, num_threads=threads, precision=precision)
         self.threads = threads
-        ident = json.dumps(self.backbone.identity, sort_keys=True).encode()
-        self.namespace = hashlib.sha1(ident).hexdigest()[:12]
+        self.cell_sizing = cell_sizing
+        self.min_input_size = min_input_size or MIN_FIT_INPUT_SIZE
+        key = json.dumps(self.backbone.identity, sort_keys=True)
+        if cell_sizing != "fixed":
+            key += f"|{cell_sizing}:{self.min_input_size}"
+        self.namespace = hashlib.sha1(key.encode()).hexdigest()[:12]
         (CACHE / self.namespace).mkdir(parents=True, exist_ok=True)
         self.encoded_patches = 0
         self.seconds = 0.0
+
+    @property
+    def mode(self) -> str:
+        size = f" (min {self.min_input_size} px)" if self.cell_sizing == "fit" else ""
+        return f"{self.cell_sizing} cells{size}, {self.backbone.precision}"
+
+    def _library_encoder(self, grids: tuple[int, ...]):
+        from patchify.config import TilingConfig
+        from patchify.encoder import Encoder as LibraryEncoder
+
+        tiling = TilingConfig(grids=grids, cell_sizing=self.cell_sizing, min_input_size=self.min_input_size)
+        return LibraryEncoder(self.backbone, tiling, num_threads=self.threads)
 
     def _path(self, kind: str, key: str) -> Path:
         return CACHE / self.namespace / kind / key[:2] / f"{key}.npz"
@@ -77,8 +99,6 @@ class Encoder:
     def patches(self, pixels: np.ndarray, max_level: int = 3) -> dict[str, np.ndarray]:
         """Patches of one image up to `max_level` (L3: 30): vectors (P, D) float32, grid, cell, boxes (x0, y0, x1,
         y1). An L3 entry serves every level (levels nest); a coarser request is cached under its own name."""
-        from patchify.tiling import tile_images
-
         key = self._key(pixels)
         for kind in dict.fromkeys(["patches", "patches" if max_level == 3 else f"patches_L{max_level}"]):
             path = self._path(kind, key)
@@ -98,10 +118,15 @@ class Encoder:
                 break
         first_grid = int(have["grid"].max()) + 1 if have is not None else 1
         grids = tuple(range(first_grid, max_level + 2))
-        batch = tile_images([pixels], grids, self.backbone.preprocess, num_threads=self.threads)
-        vectors = self.backbone.encode(batch.pixels, batch_size=len(batch))
-        out = {"vectors": vectors.astype(np.float32), "grid": batch.grid.astype(np.int32),
-               "cell": batch.cell.astype(np.int32), "boxes": batch.boxes.astype(np.int32),
+        from patchify.records import AddReport
+
+        report = AddReport()
+        (batch,) = self._library_encoder(grids).encode_images([pixels], report)
+        if report.skipped:
+            raise ValueError(report.skipped[0].reason)
+        vectors = batch.vectors
+        out = {"vectors": vectors.astype(np.float32), "grid": batch.patches.grid.astype(np.int32),
+               "cell": batch.patches.cell.astype(np.int32), "boxes": batch.patches.box.astype(np.int32),
                "size": np.array(pixels.shape[1::-1], dtype=np.int32)}
         if have is not None:
             out = {k: (np.concatenate([have[k], v]) if k != "size" else v) for k, v in out.items()}

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 from .errors import PatchifyError
 
 from . import store
-from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL,
-                     RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, ServeConfig,
+from .config import (CELL_SIZINGS, DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_CELL_SIZING, DEFAULT_GLOBAL_WEIGHT,
+                     DEFAULT_LEVEL, DEFAULT_PRECISION, MIN_FIT_INPUT_SIZE, PRECISIONS, RERANK_MIN_SHORTLIST,
+                     RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, ServeConfig,
                      index_config_from_dict)
 from .engine import Patchify
 from .whitening import manifest_entry
@@ -52,7 +53,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     else:
         engine = Patchify(backbone=args.backbone, level=args.level, index=args.index, overlap=args.overlap,
                           batch_size=args.batch_size, num_threads=args.threads, embedding_cache=args.cache or None,
-                          whitening=args.whitening, global_weight=args.global_weight, **_index_settings(args))
+                          whitening=args.whitening, global_weight=args.global_weight, precision=args.precision,
+                          cell_sizing=args.cell_sizing, **_index_settings(args))
     started = time.perf_counter()
     report = engine.add_images(files, progress=not args.quiet)
     for skipped in report.skipped:
@@ -149,6 +151,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("scoring: plain max over patches" if weight == 0 else
           f"scoring: {weight:g} x whole-image score + {1 - weight:g} x best patch score")
     print(f"backbone: {backbone['name']} [{backbone.get('weights')}]")
+    tiling = settings["tiling"]
+    precision = (backbone.get("identity") or {}).get("precision", "fp32")
+    sizing = ("cells at about their own size, at least {} px".format(tiling.get("min_input_size"))
+              if tiling.get("cell_sizing") == "fit" else "every cell at the backbone's input size")
+    print(f"encoding: {precision}, {sizing}")
     print(f"{store.folder_bytes(Path(args.index_dir)):,} bytes on disk")
     if args.verify:
         print("verified: every file's size and sha256 match the manifest, and the index loads")
@@ -203,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     indexes = [v for v in args.index.split(",") if v]
     run = evaluate_levels(dataset, backbone=args.backbone, levels=levels, indexes=indexes,
                           index_settings=_index_settings(args), whitening=args.whitening,
-                          global_weight=args.global_weight,
+                          global_weight=args.global_weight, precision=args.precision, cell_sizing=args.cell_sizing,
                           embedding_cache=args.cache or True, num_threads=args.threads, progress=not args.quiet)
     print(f"\n{dataset.name}: {len(dataset.database)} database images, {dataset.n_queries} queries; "
           f"backbone {run.backbone} [{run.weights}]")
@@ -244,6 +251,15 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
                             f"(default: {DEFAULT_GLOBAL_WEIGHT} with whitening, 0 without)")
 
 
+def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("encoding (what indexing costs; see README, 'What indexing costs')")
+    group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                       help="backbone weights: int8 (CPU, fastest), fp32 (the export as is), fp16 (CUDA)")
+    group.add_argument("--cell-sizing", dest="cell_sizing", choices=CELL_SIZINGS, default=DEFAULT_CELL_SIZING,
+                       help=f"fit: each cell encoded at about its own pixel size (at least {MIN_FIT_INPUT_SIZE} px); "
+                            "fixed: every cell resized to the backbone's input size (the paper's crop mode)")
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" except where the default is None: those options' help says their default itself (it
     lives in patchify.config, and None means "the config's")."""
@@ -271,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name")
     index.add_argument("--index", default="flat", help="flat, ivfpq, or a faiss factory string like IVF1024,PQ48")
     _add_index_options(index)
+    _add_encoding_options(index)
     index.add_argument("--overlap", type=float, default=0.0,
                        help="grow each cell by this fraction of its size on every side, in [0, 0.5)")
     index.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per backbone call")
@@ -304,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--index", default="flat", help="comma-separated: flat, ivfpq, or faiss factory strings")
     evaluate.add_argument("--backbone", default=DEFAULT_BACKBONE)
     _add_index_options(evaluate)
+    _add_encoding_options(evaluate)
     evaluate.add_argument("--threads", type=int, default=0, help="0 = all cores")
     evaluate.add_argument("--cache", default=None, help="embedding cache folder (default: the user cache)")
     evaluate.add_argument("--out", type=Path, default=Path("eval_output"), help="folder for JSON and plots")

@@ -32,6 +32,16 @@ DEFAULT_LEVEL = 2  # L2: grids 1x1, 2x2, 3x3 (14 patches per image): the paper's
 DEFAULT_BATCH_SIZE = 32  # patches per backbone call (and per indexing step)
 TRAINING_SOURCES = ("all", "given", "gt-aligned", "salient")  # see patchify.training
 RERANK_CODECS = (None, "float16", "int8")  # see patchify.index.rerank
+# How the backbone's weights run (see patchify.backbones.precision): recorded with an index, queries use the same.
+# int8: onnxruntime dynamic quantisation (CPU); fp16: for CUDA (on a CPU it runs, slower than fp32).
+PRECISIONS = ("fp32", "int8", "fp16")
+DEFAULT_PRECISION = "int8"
+# How each grid cell is sized for the backbone (see patchify.tiling.cell_input_sizes): "fit" = the cell's own pixel
+# extent rounded to the backbone's patch size, between MIN_FIT_INPUT_SIZE and the backbone's input size; "fixed" =
+# every cell resized to the backbone's input size (the paper's crop mode). Queries always use the input size.
+CELL_SIZINGS = ("fit", "fixed")
+DEFAULT_CELL_SIZING = "fit"
+MIN_FIT_INPUT_SIZE = 112  # 8 x 8 tokens of a /14 ViT; measured in benchmarks/RESULTS.md ("Indexing cost")
 # The second stage of an IVFPQ search re-scores this many times k images (at least RERANK_MIN_SHORTLIST).
 RERANK_SHORTLIST_FACTOR = 10
 RERANK_MIN_SHORTLIST = 100
@@ -69,12 +79,16 @@ class TilingConfig:
     """Which patches each database image is cut into.
 
     grids: grid sizes, ascending (default: those of DEFAULT_LEVEL). overlap: each cell side moves out by
-    round(overlap * cell extent), in [0, 0.5). input_size: the side patches are resized to; None = the backbone's
-    own (a fixed-size export accepts nothing else: the encoder checks)."""
+    round(overlap * cell extent), in [0, 0.5). input_size: the side patches are resized to ("fixed"), the largest
+    one ("fit"); None = the backbone's own (a fixed-size export accepts nothing else: the encoder checks).
+    cell_sizing: "fit" (each cell at about its own pixel size, a multiple of the backbone's patch size, at least
+    min_input_size; needs a backbone that takes several input sizes) or "fixed" (every cell at input_size)."""
 
     grids: tuple[int, ...] = grids_for_level(DEFAULT_LEVEL)
     overlap: float = 0.0
     input_size: int | None = None
+    cell_sizing: str = DEFAULT_CELL_SIZING
+    min_input_size: int = MIN_FIT_INPUT_SIZE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grids", check_grids(self.grids))
@@ -83,6 +97,11 @@ class TilingConfig:
         object.__setattr__(self, "overlap", float(self.overlap))
         if self.input_size is not None and (isinstance(self.input_size, bool) or int(self.input_size) < 1):
             raise ValueError(f"input_size must be a positive integer or None, got {self.input_size!r}")
+        if self.cell_sizing not in CELL_SIZINGS:
+            raise ValueError(f"cell_sizing must be one of {', '.join(CELL_SIZINGS)}, got {self.cell_sizing!r}")
+        if isinstance(self.min_input_size, bool) or not isinstance(self.min_input_size, numbers.Integral) \
+                or int(self.min_input_size) < 1:
+            raise ValueError(f"min_input_size must be a positive integer, got {self.min_input_size!r}")
 
     @classmethod
     def for_level(cls, level: int, **kwargs: Any) -> "TilingConfig":
@@ -98,12 +117,21 @@ class TilingConfig:
         return sum(g * g for g in self.grids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"grids": list(self.grids), "overlap": self.overlap, "input_size": self.input_size}
+        return {"grids": list(self.grids), "overlap": self.overlap, "input_size": self.input_size,
+                "cell_sizing": self.cell_sizing, "min_input_size": self.min_input_size}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TilingConfig":
+        # Indexes saved before cell sizing existed resized every cell to the input size.
         return cls(grids=tuple(data["grids"]), overlap=float(data.get("overlap", 0.0)),
-                   input_size=data.get("input_size"))
+                   input_size=data.get("input_size"), cell_sizing=data.get("cell_sizing", "fixed"),
+                   min_input_size=int(data.get("min_input_size", MIN_FIT_INPUT_SIZE)))
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,16 @@ def content_key(data: bytes | np.ndarray) -> str:
 
 
 class EmbeddingCache:
-    """Maps (image content, backbone, overlap) to the patch vectors of every grid encoded so far."""
+    """Maps (image content, backbone, overlap, cell sizing) to the patch vectors of every grid encoded so far.
+    cell_sizing: how cells were sized for the backbone when not all at its input size (e.g. {"fit": 112}); None for
+    fixed-size cells, whose entries keep the namespace they had before cell sizing existed."""
 
-    def __init__(self, directory: str | os.PathLike, backbone_identity: dict[str, Any], overlap: float) -> None:
-        namespace = hashlib.sha1(
-            json.dumps({"backbone": backbone_identity, "overlap": round(float(overlap), 6)}, sort_keys=True).encode()
-        ).hexdigest()[:16]
+    def __init__(self, directory: str | os.PathLike, backbone_identity: dict[str, Any], overlap: float,
+                 cell_sizing: dict[str, Any] | None = None) -> None:
+        key: dict[str, Any] = {"backbone": backbone_identity, "overlap": round(float(overlap), 6)}
+        if cell_sizing is not None:
+            key["cell_sizing"] = cell_sizing
+        namespace = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.directory = Path(directory) / namespace
         self.directory.mkdir(parents=True, exist_ok=True)
 

@@ -8,6 +8,7 @@ descriptor each). Other encoders (another tiling mode, another runtime) plug in 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, TilingConfig
+from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, TilingConfig, check_precision
 from .embedding_cache import EmbeddingCache, content_key, default_cache_root
 from .errors import BackboneMismatchError, ImageError
 from .images import ImageSource, describe_source, load_rgb
 from .records import AddReport, NewImage, PatchTable, SkippedImage
-from .tiling import prepare_whole_images, tile_images
+from .tiling import TileBatch, cell_input_sizes, prepare_whole_images, tile_images
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -58,15 +59,20 @@ class Encoder:
     """Backbone + tiling + embedding cache.
 
     backbone: a registered name (loaded lazily: searching by vector never loads it) or a backbone object (anything
-    with `encode`, `preprocess`, `identity`, `name`, `weights`). expected_identity: the identity an index was built
-    with; the backbone is checked against it when first used (BackboneMismatchError). embedding_cache: None/False
-    (off), True (the user cache) or a folder."""
+    with `encode`, `preprocess`, `identity`, `name`, `weights`). precision: what a named backbone runs in ("fp32",
+    "int8", "fp16"; a backbone object runs in its own). expected_identity: the identity an index was built with;
+    the backbone is checked against it when first used (BackboneMismatchError). embedding_cache: None/False (off),
+    True (the user cache) or a folder.
+
+    With `tiling.cell_sizing == "fit"` each grid's cells are encoded at about their own size (see
+    tiling.cell_input_sizes); a backbone that takes one input size only gets "fixed" cells instead (the tiling is
+    updated when it loads, so an index records what was done)."""
 
     def __init__(self, backbone: "str | Backbone" = DEFAULT_BACKBONE, tiling: TilingConfig | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE, num_threads: int = 0,
                  embedding_cache: bool | str | os.PathLike | None = None,
                  expected_identity: dict[str, Any] | None = None, check_name: bool = True,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, precision: str = DEFAULT_PRECISION) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(num_threads, bool) or not isinstance(num_threads, int):
@@ -82,9 +88,12 @@ class Encoder:
                 check_backbone_name(backbone)
             self._backbone: Backbone | None = None
             self._backbone_name = backbone
+            self.precision = check_precision(precision)
         else:
             self._backbone = backbone
             self._backbone_name = backbone.name
+            self.precision = getattr(backbone, "precision", "fp32")
+            self._resolve_cell_sizing()
         self._expected_identity = expected_identity
         if self._backbone is not None and expected_identity is not None:
             check_identity(expected_identity, self._backbone.identity)
@@ -106,7 +115,9 @@ class Encoder:
         if self._backbone is None:
             from .backbones import load_backbone
 
-            self._backbone = load_backbone(self._backbone_name, num_threads=self.num_threads)
+            self._backbone = load_backbone(self._backbone_name, num_threads=self.num_threads,
+                                           precision=self.precision)
+            self._resolve_cell_sizing()
         if self._expected_identity is not None:
             check_identity(self._expected_identity, self._backbone.identity)
             self._expected_identity = None
@@ -116,15 +127,32 @@ class Encoder:
         """The backbone's identity without loading it (the expected one while it is not loaded)."""
         return self._backbone.identity if self._backbone is not None else self._expected_identity
 
-    def preprocess(self) -> "Preprocess":
-        """How patches are prepared: the backbone's preprocessing at the tiling's input size."""
-        preprocess = self.backbone.preprocess
-        size = self.tiling.input_size
+    def _resolve_cell_sizing(self) -> None:
+        if self.tiling.cell_sizing == "fit" and getattr(self._backbone, "patch_size", None) is None:
+            self.tiling = dataclasses.replace(self.tiling, cell_sizing="fixed")
+
+    def preprocess(self, size: int | None = None) -> "Preprocess":
+        """How patches are prepared: the backbone's preprocessing at `size` (default: the tiling's input size)."""
+        backbone = self.backbone
+        preprocess = backbone.preprocess
+        size = size or self.tiling.input_size
         if size is None or size == preprocess.input_size:
             return preprocess
-        # Every export so far has a fixed input size: another size is refused here, not deep in onnxruntime.
-        raise ValueError(f"tiling input_size {size} px: backbone {self._backbone_name!r} takes "
-                         f"{preprocess.input_size} px only (a fixed-size export)")
+        accepts = getattr(backbone, "accepts_input_size", None)
+        if accepts is None or not accepts(size):
+            # Refused here, not deep in onnxruntime.
+            patch = getattr(backbone, "patch_size", None)
+            takes = f"{preprocess.input_size} px only (a fixed-size export)" if patch is None else \
+                f"sides that are multiples of {patch} px"
+            raise ValueError(f"input size {size} px: backbone {self._backbone_name!r} takes {takes}")
+        return dataclasses.replace(preprocess, input_size=int(size))
+
+    def cell_sizes(self, height: int, width: int) -> tuple[int, ...]:
+        """The side each grid's cells of an H x W image are encoded at (tiling.cell_input_sizes)."""
+        backbone = self.backbone
+        return cell_input_sizes(height, width, self.tiling.grids, self.tiling,
+                                self.tiling.input_size or backbone.preprocess.input_size,
+                                getattr(backbone, "patch_size", None))
 
     # ------------------------------------------------------------------ database images
     def encode_grid_cells(self, sources: Sequence[ImageSource], grid: int, max_images: int, *,
@@ -132,7 +160,7 @@ class Encoder:
         """Vectors of the grid x grid cells of (up to) the first `max_images` sources, e.g. to learn a whitening
         from, not to index: same backbone, preprocessing and embedding cache, this tiling's overlap. Unusable
         sources are passed over silently (the indexing pass reports them). Returns (vectors, images encoded)."""
-        tiling = TilingConfig(grids=(grid,), overlap=self.tiling.overlap, input_size=self.tiling.input_size)
+        tiling = dataclasses.replace(self.tiling, grids=(grid,))
         cells = Encoder(self.backbone, tiling, batch_size=self.batch_size, num_threads=self.num_threads,
                         embedding_cache=self._cache_setting, log=self._log)
         vectors, n_images = [], 0
@@ -160,11 +188,12 @@ class Encoder:
         bar = tqdm(total=len(sources), unit="img", desc="indexing", disable=not progress)
         with ThreadPoolExecutor(max_workers=max(1, min(4, _core.hardware_threads()))) as pool:
             waited = time.perf_counter()
-            for loaded, decode_seconds in _prefetch(pool, self._read_chunk, chunks, ahead=2):
+            for loaded, tiled, decode_seconds, tile_seconds in _prefetch(pool, self._prepare_chunk, chunks, ahead=2):
                 report.timings["decode"] += time.perf_counter() - waited
                 report.timings["decode_cpu"] += decode_seconds
+                report.timings["tile"] += tile_seconds
                 fresh = [item for item in loaded if isinstance(item, tuple)]
-                encoded = iter(self._encode_pixels(fresh, report))
+                encoded = iter(self._encode_pixels(fresh, report, tiled))
                 batch: list[EncodedBatch] = []
                 for item in loaded:  # keep input order: cache hits and fresh encodings interleave
                     if isinstance(item, SkippedImage):
@@ -182,11 +211,22 @@ class Encoder:
                 waited = time.perf_counter()
         bar.close()
 
-    def _read_chunk(self, sources: Sequence[ImageSource]) -> tuple[list[Any], float]:
-        """Runs in a worker thread: `_read` for each source, and the seconds it took (summed by the caller, so
-        no shared counter needs a lock)."""
+    def _prepare_chunk(self, sources: Sequence[ImageSource]
+                       ) -> tuple[list[Any], "list[tuple[list[int], TileBatch]] | None", float, float]:
+        """Runs in a worker thread: `_read` for each source, then the chunk's fresh images tiled into backbone
+        batches, so that the next chunk is decoded and tiled while the backbone encodes this one (on a GPU the
+        tiler would otherwise leave it idle; the C++ tiler releases the GIL). Returns (items, tiled parts or None
+        when some image cannot be tiled: `_encode_pixels` then sorts it out one by one, decode seconds, tile
+        seconds), the seconds summed by the caller so that no shared counter needs a lock."""
         started = time.perf_counter()
-        return [self._read(s) for s in sources], time.perf_counter() - started
+        items = [self._read(s) for s in sources]
+        decoded = time.perf_counter()
+        fresh = [item for item in items if isinstance(item, tuple)]
+        try:
+            tiled = self._tile(fresh) if fresh else []
+        except ValueError:
+            tiled = None
+        return items, tiled, decoded - started, time.perf_counter() - decoded
 
     def _read(self, source: ImageSource) -> "SkippedImage | EncodedBatch | tuple[str, np.ndarray, str | None]":
         """Decoded pixels, a cache hit (a one-image batch), or the reason the source is unusable."""
@@ -208,16 +248,16 @@ class Encoder:
         except (OSError, ValueError) as exc:
             return SkippedImage(name, str(exc))
 
-    def _encode_pixels(self, items: list[tuple[str, np.ndarray, str | None]],
-                       report: AddReport) -> list[EncodedBatch | None]:
-        """One-image batches aligned with `items`; None (and a report entry) for an image that cannot be tiled."""
+    def _encode_pixels(self, items: list[tuple[str, np.ndarray, str | None]], report: AddReport,
+                       tiled: "list[tuple[list[int], TileBatch]] | None" = None) -> list[EncodedBatch | None]:
+        """One-image batches aligned with `items` (tiled here unless `tiled` holds their parts already); None (and a
+        report entry) for an image that cannot be tiled."""
         if not items:
             return []
         backbone = self.backbone
         started = time.perf_counter()
         try:
-            batch = tile_images([pixels for _, pixels, _ in items], self.tiling.grids, self.preprocess(),
-                                overlap=self.tiling.overlap, num_threads=self.num_threads)
+            parts = tiled if tiled is not None else self._tile(items)
         except ValueError as exc:
             report.timings["tile"] += time.perf_counter() - started  # the retries below time themselves
             # One bad image (e.g. smaller than the finest grid) must not sink its neighbours: retry one by one.
@@ -226,22 +266,46 @@ class Encoder:
                 report.skipped.append(SkippedImage(items[0][0], str(exc).replace("image 0: ", "")))
                 return [None]
             return [self._encode_pixels([item], report)[0] for item in items]
-        tiled = time.perf_counter()
-        report.timings["tile"] += tiled - started
-        vectors = backbone.encode(batch.pixels, batch_size=self.batch_size)
-        report.timings["encode"] += time.perf_counter() - tiled
+        encoding = time.perf_counter()
+        report.timings["tile"] += encoding - started
+        vectors = [backbone.encode(batch.pixels, batch_size=self.batch_size) for _, batch in parts]
+        report.timings["encode"] += time.perf_counter() - encoding
         cache = self.embedding_cache()
         results: list[EncodedBatch | None] = []
         for i, (name, pixels, key) in enumerate(items):
-            rows = batch.image_index == i
-            patches = PatchTable(np.zeros(int(rows.sum()), np.int64), batch.boxes[rows], batch.grid[rows],
-                                 batch.cell[rows])
+            # Each part holds some grids of some images; an image's patches go grid by grid (the parts are in grid
+            # order), cells row-major within a grid: the patch order of tiling.patch_boxes.
+            pieces = []
+            for (positions, part), part_vectors in zip(parts, vectors):
+                if i in positions:
+                    rows = part.image_index == positions.index(i)
+                    pieces.append((part_vectors[rows], part.boxes[rows], part.grid[rows], part.cell[rows]))
+            own_vectors, boxes, grid, cell = (np.concatenate(column) for column in zip(*pieces))
+            patches = PatchTable(np.zeros(len(own_vectors), np.int64), boxes, grid, cell)
             image = NewImage(name, pixels.shape[1], pixels.shape[0])
-            item = EncodedBatch(vectors[rows], patches, [image])
+            item = EncodedBatch(own_vectors, patches, [image])
             if cache is not None and key is not None:
                 cache.put(key, self.tiling.grids, item.vectors, image.width, image.height)
             results.append(item)
         return results
+
+    def _tile(self, items: list[tuple[str, np.ndarray, str | None]]) -> list[tuple[list[int], TileBatch]]:
+        """The items' patches as backbone batches of one input size each: [(positions of the images in `items`,
+        their patches of one grid at one size)], in grid order. With fixed cells: one batch of every grid."""
+        images = [pixels for _, pixels, _ in items]
+        if self.tiling.cell_sizing == "fixed":
+            batch = tile_images(images, self.tiling.grids, self.preprocess(), overlap=self.tiling.overlap,
+                                num_threads=self.num_threads)
+            return [(list(range(len(images))), batch)]
+        sizes = [self.cell_sizes(*pixels.shape[:2]) for pixels in images]
+        parts = []
+        for g, grid in enumerate(self.tiling.grids):
+            for size in sorted({s[g] for s in sizes}):
+                positions = [i for i, s in enumerate(sizes) if s[g] == size]
+                batch = tile_images([images[i] for i in positions], (grid,), self.preprocess(size),
+                                    overlap=self.tiling.overlap, num_threads=self.num_threads)
+                parts.append((positions, batch))
+        return parts
 
     # ------------------------------------------------------------------ queries
     def embed_queries(self, queries: Sequence[ImageSource | np.ndarray], dim: int | None = None) -> np.ndarray:
@@ -276,7 +340,9 @@ class Encoder:
         if self._cache is None:
             setting = self._cache_setting
             root = default_cache_root() / "embeddings" if setting is True else Path(setting)  # type: ignore[arg-type]
-            self._cache = EmbeddingCache(root, self.backbone.identity, self.tiling.overlap)
+            sizing = ({"fit": self.tiling.min_input_size, "max": self.tiling.input_size}
+                      if self.tiling.cell_sizing == "fit" else None)
+            self._cache = EmbeddingCache(root, self.backbone.identity, self.tiling.overlap, sizing)
         return self._cache
 
 

