@@ -108,7 +108,8 @@ def test_each_shard_is_a_normal_saved_index_holding_a_run_of_the_inputs(built, i
         assert engine.n_images == shard["n_images"]
         held += [record.name for record in engine.images]
     assert held == [p for p in inputs if Path(p).is_file() and not p.endswith("corrupt.jpg")]
-    assert [s["first_image_id"] for s in manifest["shards"]] == [0, 5, 11, 16]  # shards of 6 inputs; shards 0 and 2 each hold a bad one
+    # Shards of 6 inputs; shards 0 and 2 each hold a bad one.
+    assert [s["first_image_id"] for s in manifest["shards"]] == [0, 5, 11, 16]
 
 
 def test_the_merge_keeps_only_the_global_shortlist():
@@ -255,3 +256,44 @@ def test_a_failed_worker_batch_is_retried_on_ray(ray_cluster, inputs, tmp_path):
                                  shard_size=4, whitening="none", executor=RayBuild(num_actors=1, retries=2))
     assert len(list(flags.iterdir())) >= 1  # at least one actor's first encode failed, and was retried
     assert report.shards_built == [0, 1] and report.report.image_ids == list(range(7))
+
+
+def _random_embeddings(seed: int, n_images: int, dim: int = 32):
+    """n_images of 5 patches (grids 1 and 2): random unit vectors, their patch table, their images."""
+    from patchify.records import NewImage, PatchTable
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n_images * 5, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    table = PatchTable(np.repeat(np.arange(n_images), 5), np.tile([[0, 0, 10, 10]], (len(vectors), 1)),
+                       np.tile([1, 2, 2, 2, 2], n_images), np.tile([0, 0, 1, 2, 3], n_images))
+    return vectors, table, [NewImage(f"img{seed}-{i}", 10, 10) for i in range(n_images)]
+
+
+def _embedding_engine(config, trained, *parts) -> Patchify:
+    engine = Patchify(ThumbnailBackbone(), grids=[1, 2], index=config, whitening="none")
+    if trained is not None:
+        engine.start_from_trained(trained.trained_copy())
+    for part in parts:
+        engine.add_embeddings(*part)
+    return engine
+
+
+def test_engines_filled_with_embeddings_save_as_shards_and_merge_exactly(tmp_path):
+    from patchify.distributed import save_sharded_index
+
+    config = index_config("ivfpq", nlist=4, m=8, nbits=4, nprobe=2, rerank_shortlist=5)
+    trained = _embedding_engine(config, None, _random_embeddings(99, 200)).index
+    parts = [_random_embeddings(seed, 60) for seed in range(3)]
+    shards = [_embedding_engine(config, trained, part) for part in parts]
+    single = _embedding_engine(config, trained, *parts)
+    save_sharded_index(shards, tmp_path / "s")
+    queries = np.random.default_rng(5).standard_normal((12, 32)).astype(np.float32)
+    with ShardedIndex.load(tmp_path / "s", backbone=ThumbnailBackbone()) as sharded:
+        assert sharded.n_images == 180
+        for k in (1, 4, 50):
+            for want, have in zip(single.search_vectors(queries, k), sharded.search_vectors(queries, k)):
+                np.testing.assert_array_equal(have, want)
+    other = _embedding_engine(config, None, _random_embeddings(7, 200))  # trained on its own vectors
+    with pytest.raises(ValueError, match="engine 1 does not share"):
+        save_sharded_index([shards[0], other], tmp_path / "t")

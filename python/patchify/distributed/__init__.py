@@ -6,9 +6,9 @@ exactly. Ray is optional: only `patchify.distributed.ray_backend` imports it (`p
 """
 from __future__ import annotations
 
-from .build import BuildSpec, LocalBuild, ShardedBuildReport, build_sharded_index
+from .build import BuildSpec, LocalBuild, ShardedBuildReport, build_sharded_index, save_sharded_index
 from .layout import is_sharded_index
 from .sharded import LocalShards, ShardedIndex
 
 __all__ = ["BuildSpec", "LocalBuild", "LocalShards", "ShardedBuildReport", "ShardedIndex", "build_sharded_index",
-           "is_sharded_index"]
+           "is_sharded_index", "save_sharded_index"]

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, Union
 
+import numpy as np
+
 from .. import _core, store
-from ..config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_SAMPLE_IMAGES, DEFAULT_SHARD_IMAGES,
+from ..config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_SAMPLE_IMAGES, DEFAULT_SHARD_IMAGES, FlatConfig,
                       IndexConfig, IVFPQConfig, TilingConfig, WhiteningConfig, check_global_weight, index_config)
 from ..engine import Patchify, WhiteningSetting, whitening_setting
 from ..errors import IndexFormatError
@@ -235,7 +237,7 @@ def build_sharded_index(sources: "str | os.PathLike | Iterable[str | os.PathLike
                         backbone: BackboneSpec = DEFAULT_BACKBONE, level: int | None = None,
                         grids: Sequence[int] | None = None, overlap: float = 0.0, tiling: TilingConfig | None = None,
                         index: "str | IndexConfig" = "flat", whitening: WhiteningSetting = "learned",
-                        global_weight: float | None = None, shard_size: int = DEFAULT_SHARD_IMAGES,
+                        global_weight: float | None = None, shard_size: int = DEFAULT_SHARD_IMAGES, FlatConfig,
                         sample_images: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, num_threads: int = 0,
                         executor: "str | BuildExecutor" = "local", progress: bool = False,
                         **index_settings: Any) -> ShardedBuildReport:
@@ -281,7 +283,7 @@ def build_sharded_index(sources: "str | os.PathLike | Iterable[str | os.PathLike
         done[int(marker["shard"])] = marker
         bar.update(1)
     bar.close()
-    report = _write_manifest(root, spec, [done[s] for s in range(len(shards))])
+    report = _write_manifest(root, spec.tiling, [done[s] for s in range(len(shards))])
     report.seconds = time.perf_counter() - started
     if learned:
         report.notes.insert(0, "learned the shared whitening / IVFPQ training on a sample of the inputs")
@@ -340,7 +342,60 @@ def _progress(total: int, show: bool) -> Any:
     return tqdm(total=total, desc="shards", unit="shard", disable=not show)
 
 
-def _write_manifest(root: Path, spec: BuildSpec, markers: list[dict[str, Any]]) -> AddReport:
+def save_sharded_index(engines: Sequence[Patchify], directory: str | os.PathLike) -> Path:
+    """Writes engines as the shards of a new sharded index, in order (e.g. shards filled with `add_embeddings`);
+    their images get global ids by shard order. The engines must share their training, as a sharded build's shards
+    do: the same whitening, and IVFPQ indexes each started from a `trained_copy` of one trained index
+    (`Patchify.start_from_trained`); a different whitening or different codebooks are refused."""
+    if not engines:
+        raise ValueError("save_sharded_index needs at least one engine")
+    root = Path(directory).resolve()
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root}: exists and is not empty; choose another folder")
+    first = engines[0]
+    for position, engine in enumerate(engines):
+        if not _same_training(first, engine):
+            raise ValueError(f"engine {position} does not share engine 0's whitening, settings or IVFPQ training: its "
+                             "results could not be merged exactly")
+    description: dict[str, Any] = {"whitening": manifest_entry(first.whitening, first.whitening_config),
+                                   "index": None, "sample_images": 0, "sample_patches": 0, "sample_skipped": 0}
+    with store.atomic_directory(layout.shared_folder(root)) as staging:
+        if first.whitening is not None:
+            first.whitening.save_file(staging)
+        if not isinstance(first.index_config, FlatConfig):
+            first.index.trained_copy().save(staging)  # type: ignore[union-attr]
+            description["index"] = {"dim": first.index.dim, **first.index_config.to_dict()}  # type: ignore
+        description["files"] = layout.file_digests(staging, [p.name for p in staging.iterdir()])
+        layout.write_json(staging / layout.SHARED_DESCRIPTION, description)
+    markers = []
+    for shard, engine in enumerate(engines):
+        engine.save(layout.shard_folder(root, shard))
+        report = AddReport(image_ids=list(range(engine.n_images)), n_patches=engine.n_patches)
+        marker = {"shard": shard, "inputs": [record.name for record in engine.images],
+                  "shared_files": description["files"], "report": report_to_dict(report)}
+        layout.write_json(layout.done_marker(root, shard), marker)
+        markers.append(marker)
+    _write_manifest(root, first.tiling, markers)
+    return root
+
+
+def _same_training(a: Patchify, b: Patchify) -> bool:
+    import faiss
+
+    if (a.tiling, a.index_config, a.effective_global_weight) != (b.tiling, b.index_config, b.effective_global_weight):
+        return False
+    wa, wb = a.whitening, b.whitening
+    if (wa is None) != (wb is None) or (wa is not None and wb is not None and not (
+            np.array_equal(wa.mean, wb.mean) and np.array_equal(wa.projection, wb.projection))):
+        return False
+    if isinstance(a.index_config, FlatConfig):
+        return True
+    fa, fb = a.index.faiss_index, b.index.faiss_index  # type: ignore[union-attr]
+    return bool(np.array_equal(faiss.vector_to_array(fa.pq.centroids), faiss.vector_to_array(fb.pq.centroids)) and
+                np.array_equal(fa.quantizer.reconstruct_n(0, fa.nlist), fb.quantizer.reconstruct_n(0, fb.nlist)))
+
+
+def _write_manifest(root: Path, tiling: TilingConfig, markers: list[dict[str, Any]]) -> AddReport:
     """Step 4: the manifest (global id offsets in plan order); returns the whole build's AddReport."""
     report = AddReport()
     shards = []
@@ -375,7 +430,7 @@ def _write_manifest(root: Path, spec: BuildSpec, markers: list[dict[str, Any]]) 
         "format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION,
         "patchify_version": _core.__version__,
         "backbone": backbone,
-        "tiling": spec.tiling.to_dict(),
+        "tiling": tiling.to_dict(),
         "index": shard_manifest["index"],
         "input_dim": whitening["input_dim"] if whitening and whitening.get("learned") else
         shard_manifest["index"]["dim"],
