@@ -237,7 +237,7 @@ def build_sharded_index(sources: "str | os.PathLike | Iterable[str | os.PathLike
                         backbone: BackboneSpec = DEFAULT_BACKBONE, level: int | None = None,
                         grids: Sequence[int] | None = None, overlap: float = 0.0, tiling: TilingConfig | None = None,
                         index: "str | IndexConfig" = "flat", whitening: WhiteningSetting = "learned",
-                        global_weight: float | None = None, shard_size: int = DEFAULT_SHARD_IMAGES, FlatConfig,
+                        global_weight: float | None = None, shard_size: int = DEFAULT_SHARD_IMAGES,
                         sample_images: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, num_threads: int = 0,
                         executor: "str | BuildExecutor" = "local", progress: bool = False,
                         **index_settings: Any) -> ShardedBuildReport:
@@ -271,8 +271,11 @@ def build_sharded_index(sources: "str | os.PathLike | Iterable[str | os.PathLike
         if sample_images is None:
             sample_images = DEFAULT_SAMPLE_IMAGES if isinstance(config, IVFPQConfig) else \
                 (whitening_config.learn_images if whitening_config is not None else 0)
-        run.learn(spec, [items[i] for i in learning_images(len(items), sample_images)] if sample_images else [])
-        learned = True
+        if isinstance(config, IVFPQConfig) or whitening_config is not None:
+            run.learn(spec, [items[i] for i in learning_images(len(items), sample_images)] if sample_images else [])
+            learned = True
+        else:  # nothing to learn: no encoder needed
+            learn_shared(spec, [], None)
     shared_files = layout.read_json(layout.shared_folder(root) / layout.SHARED_DESCRIPTION, "shared training")["files"]
     todo = [(s, inputs) for s, inputs in enumerate(shards) if not shard_is_complete(root, s, inputs, shared_files)]
     built = [s for s, _ in todo]

@@ -11,6 +11,7 @@ for the re-run.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,7 +40,8 @@ def _cluster_gpus() -> float:
 
 class RayBuild:
     """Builds shards on `num_actors` encoder actors (default: one per GPU of the cluster, else 2), each with
-    num_cpus CPUs and gpus_per_actor GPUs (default: 1 when the cluster has GPUs, else 0)."""
+    num_cpus CPUs and gpus_per_actor GPUs (default: 1 when the cluster has GPUs, else 0). The actor that learns the
+    shared training goes on to build shards; the actors end with the build."""
 
     def __init__(self, num_actors: int | None = None, *, num_cpus: float = 1, gpus_per_actor: float | None = None,
                  retries: int = DEFAULT_RETRIES) -> None:
@@ -47,11 +49,16 @@ class RayBuild:
         self.num_cpus = num_cpus
         self.gpus_per_actor = gpus_per_actor
         self.retries = retries
+        self._actors: list[Any] = []
 
-    def _actor_class(self) -> Any:
+    def _start(self, spec: BuildSpec, count: int) -> list[Any]:
+        """At least `count` actors (started lazily: each one builds its backbone)."""
+        connect()
         gpus = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if _cluster_gpus() else 0.0)
-        return ray.remote(num_cpus=self.num_cpus, num_gpus=gpus, max_restarts=self.retries,
-                          max_task_retries=self.retries)(ShardWorker)
+        cls = ray.remote(num_cpus=self.num_cpus, num_gpus=gpus, max_restarts=self.retries,
+                         max_task_retries=self.retries)(ShardWorker)
+        self._actors += [cls.remote(spec) for _ in range(count - len(self._actors))]
+        return self._actors
 
     def _count(self) -> int:
         if self.num_actors is not None:
@@ -59,27 +66,27 @@ class RayBuild:
         return max(1, int(_cluster_gpus())) if _cluster_gpus() else 2
 
     def learn(self, spec: BuildSpec, sample: Sequence[str]) -> dict[str, Any]:
-        connect()
-        actor = self._actor_class().remote(spec)
+        actor = self._start(spec, 1)[0]
         try:
             return ray.get(actor.learn.options(retry_exceptions=True).remote(list(sample)))
-        finally:
-            ray.kill(actor)
+        except BaseException:
+            self._stop()
+            raise
 
     def build(self, spec: BuildSpec, shards: Sequence[tuple[int, list[str]]]) -> Iterator[dict[str, Any]]:
-        if not shards:
-            return
-        connect()
-        cls = self._actor_class()
-        actors = [cls.remote(spec) for _ in range(min(self._count(), len(shards)))]
-        pool = ActorPool(actors)
         try:
-            # Each shard's marker as soon as its shard is written, in completion order.
-            yield from pool.map_unordered(
-                lambda actor, shard: actor.build.options(retry_exceptions=True).remote(*shard), list(shards))
+            if shards:
+                pool = ActorPool(self._start(spec, min(self._count(), len(shards))))
+                # Each shard's marker as soon as its shard is written, in completion order.
+                yield from pool.map_unordered(
+                    lambda actor, shard: actor.build.options(retry_exceptions=True).remote(*shard), list(shards))
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            self._stop()
+
+    def _stop(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
 
 
 class ShardSearchActor:
@@ -126,6 +133,13 @@ class RayShards:
     def candidates(self, queries: np.ndarray, k: int) -> list[ShardCandidates]:
         shared = ray.put(queries)
         return ray.get([actor.candidates.remote(shared, k) for actor in self._actors])
+
+    def ping(self) -> float:
+        """One empty call to every shard actor at once (a health check): the seconds until all answered, i.e. the
+        fan-out's round trip without any search."""
+        started = time.perf_counter()
+        ray.get([actor.ready.remote() for actor in self._actors])
+        return time.perf_counter() - started
 
     def close(self) -> None:
         for actor in self._actors:
