@@ -4,7 +4,9 @@
     python benchmarks/bench_ray.py --parts search --images 50000 --json out.json
 
 Parts:
-  index-cheap  indexing throughput with a cheap encoder (a patch's 8x8 thumbnail: the framework's overhead shows):
+  index-cheap  indexing throughput with a cheap encoder (bench_indexing's CheapBackbone: 224 px patches like the real
+               backbone's, mean-pooled: decoding and tiling cost what they cost, encoding nothing, so the framework's
+               overhead shows):
                one engine's add_images in this process (the baseline), the sharded build in this process (shards of
                50), and on a local Ray cluster with 1 and 2 encoder actors, at N and 4N images: the fixed cost and
                the marginal cost per image, Ray's overhead per image = its marginal cost - the engine's.
@@ -42,29 +44,11 @@ from patchify import Patchify  # noqa: E402
 from patchify.distributed import ShardedIndex, build_sharded_index, layout, save_sharded_index  # noqa: E402
 from patchify.distributed.ray_backend import RayShards  # noqa: E402
 from patchify.distributed.sharded import merge_candidates, shard_candidates  # noqa: E402
-from patchify.preprocess import Preprocess  # noqa: E402
 from patchify.records import NewImage, PatchTable  # noqa: E402
 
+from bench_indexing import CheapBackbone  # noqa: E402  (decodes and tiles like the real backbone, encodes for free)
+
 PHOTOS = Path(__file__).resolve().parents[1] / "data" / "photos"
-
-
-class CheapEncoder:
-    """A patch's normalised 8x8 thumbnail (192-d): costs next to nothing, so the framework's time shows."""
-
-    name = "cheap-thumbnail"
-    weights = "none (benchmark)"
-    provider = "numpy"
-    dim = 192
-
-    def __init__(self) -> None:
-        self.preprocess = Preprocess(input_size=32, interpolation="bilinear")
-        self.identity: dict[str, Any] = {"model": self.name, "input_size": 32, "dim": self.dim}
-
-    def encode(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        n, c, s, _ = pixels.shape
-        pooled = pixels.astype(np.float32).reshape(n, c, 8, s // 8, 8, s // 8).mean(axis=(3, 5)).reshape(n, -1)
-        pooled -= pooled.mean(axis=1, keepdims=True)
-        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
 def real_backbone() -> Any:
@@ -91,7 +75,7 @@ def image_files(folder: Path, n: int) -> list[str]:
 def start_ray(num_cpus: int) -> Any:
     import ray
 
-    # The actors unpickle CheapEncoder / real_backbone from this module: they need benchmarks/ on their path.
+    # The actors unpickle CheapBackbone / real_backbone from this module: they need benchmarks/ on their path.
     path = os.pathsep.join([str(Path(__file__).resolve().parent), str(Path(_source_tree.__file__).resolve()
                                                                         .parents[1] / "python")])
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
@@ -151,7 +135,7 @@ def random_engine(rng: np.random.Generator, n_images: int, dim: int, first: int,
     per_image = 14
     grids = np.tile(np.array([1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3]), n_images)
     cells = np.tile(np.array([0, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8]), n_images)
-    engine = Patchify(CheapEncoder(), level=2, whitening="none", index=config)
+    engine = Patchify(CheapBackbone(), level=2, whitening="none", index=config)
     if trained is not None:
         engine.start_from_trained(trained.trained_copy())
     chunk = 5000
@@ -255,7 +239,7 @@ def main() -> None:
         work = Path(tmp)
         if "index-cheap" in parts:
             files = image_files(work / "images", 4 * args.cheap_images)
-            out["index_cheap"] = bench_indexing(files, CheapEncoder, 1, 50, args.rounds, work,
+            out["index_cheap"] = bench_indexing(files, CheapBackbone, 1, 50, args.rounds, work,
                                                 [args.cheap_images, 4 * args.cheap_images])
             print(json.dumps(out["index_cheap"], indent=1))
         if "index-real" in parts:

@@ -24,6 +24,7 @@ from .encoder import EncodedBatch, Encoder
 from .fusion import fold, unfold, whole_image_rows
 from .images import ImageSource, list_image_files
 from .index.base import check_k
+from .query_front import QueryFront
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
 from .training import select_training_vectors
 from .whitening import LearningSet, Whitening, learning_images
@@ -40,7 +41,7 @@ TRAINING_BUFFER = MAX_TRAINING_VECTORS
 WhiteningSetting = Union[str, bool, WhiteningConfig, Whitening, None]
 
 
-class Patchify:
+class Patchify(QueryFront):
     """Patch-wise instance retrieval engine.
 
     >>> engine = Patchify(backbone="dinov2_vits14", level=2, index="flat")
@@ -113,27 +114,6 @@ class Patchify:
         self.progress = False
 
     # ------------------------------------------------------------------ what it holds
-    @property
-    def encoder(self) -> Encoder:
-        return self._encoder
-
-    @property
-    def tiling(self) -> TilingConfig:
-        return self._encoder.tiling
-
-    @property
-    def grids(self) -> tuple[int, ...]:
-        return self.tiling.grids
-
-    @property
-    def levels(self) -> tuple[int, ...]:
-        return self.tiling.levels
-
-    @property
-    def backbone(self) -> "Backbone":
-        """The encoder's backbone, loaded on first use (searching by vector never loads it)."""
-        return self._encoder.backbone
-
     @property
     def index(self) -> "PatchIndex | None":
         return self._index
@@ -506,32 +486,11 @@ class Patchify:
         return removed
 
     # ------------------------------------------------------------------ searching
-    def embed_query(self, query: ImageSource | np.ndarray) -> np.ndarray:
-        """The query's global descriptor (whole image, L2-normalised); a 1-D vector is passed through."""
-        return self.embed_queries([query])[0]
-
-    def embed_queries(self, queries: Sequence[ImageSource | np.ndarray]) -> np.ndarray:
-        return self._encoder.embed_queries(queries, self.input_dim)
-
-    def search(self, query: ImageSource | np.ndarray, k: int = 10) -> list[Hit]:
-        """Top-k images for one query: a path, PIL image, HxWx3 uint8 array, or a descriptor (a 1-D float
-        vector, or a (1, dim) row)."""
-        if isinstance(query, np.ndarray) and query.ndim == 2 and np.issubdtype(query.dtype, np.floating):
-            if query.shape[0] != 1:
-                raise ValueError(f"search takes one query; a ({query.shape[0]}, {query.shape[1]}) array is a batch: "
-                                 "use search_batch")
-            query = query[0]
-        return self.search_batch([query], k=k)[0]
-
-    def search_batch(self, queries: Sequence[ImageSource | np.ndarray], k: int = 10) -> list[list[Hit]]:
-        """Top-k images for each query; a 2-D float array is taken as a batch of descriptor vectors. At most
-        n_images hits per query, whatever k."""
-        if isinstance(queries, np.ndarray) and queries.ndim == 2:
-            queries = list(queries)
-        k = check_k(k)
+    def _check_searchable(self) -> None:
         if self._index is None or self._index.ntotal == 0:
             raise ValueError("the index is empty: add images before searching")
-        vectors = self.embed_queries(list(queries))
+
+    def _ranked_hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         scores, image_ids, patch_ids = self.search_vectors(vectors, k)
         return [self._hits(scores[q], image_ids[q], patch_ids[q]) for q in range(len(vectors))]
 
@@ -540,15 +499,12 @@ class Patchify:
         ids, winning patch ids), each (nq, min(k, images)), best first, padded with -inf / -1. Applies the
         whitening; the global + patch fusion is folded into the stored vectors (patchify.fusion)."""
         k = check_k(k)
-        if self._index is None or self._index.ntotal == 0:
-            raise ValueError("the index is empty: add images before searching")
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        self._check_input_dim(queries.shape[1])
-        if self._whitening is not None:
-            queries = self._whitening.apply(queries)
+        self._check_searchable()
+        queries = self._index_space(queries)
         weight = self.effective_global_weight
         if weight > 0 and not self._folds():
             return self._fused_second_stage(queries, k, weight)
+        assert self._index is not None  # _check_searchable
         return self._index.search(queries, k)
 
     def search_candidates(self, queries: np.ndarray, k: int
@@ -561,20 +517,22 @@ class Patchify:
         from .index.ivfpq import IVFPQIndex
 
         k = check_k(k)
+        self._check_searchable()
         index = self._index
-        if index is None or index.ntotal == 0:
-            raise ValueError("the index is empty: add images before searching")
         if not isinstance(index, IVFPQIndex) or index.rerank_store is None:
             scores, images, patches = self.search_vectors(queries, k)
             return scores, scores, images, patches
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        self._check_input_dim(queries.shape[1])
-        if self._whitening is not None:
-            queries = self._whitening.apply(queries)
+        queries = self._index_space(queries)
         weight = self.effective_global_weight
         if weight > 0:
             return self._fused_shortlist(queries, k, weight)
         return index.search_shortlist_scored(queries, k)
+
+    def _index_space(self, queries: np.ndarray) -> np.ndarray:
+        """Backbone descriptors (nq, dim) as the index compares them: float32, whitened when the index is."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        self._check_input_dim(queries.shape[1])
+        return self._whitening.apply(queries) if self._whitening is not None else queries
 
     def start_from_trained(self, index: "PatchIndex") -> None:
         """Gives this empty engine a trained, empty index to fill (e.g. IVFPQ codebooks trained once, on a sample,

@@ -28,9 +28,9 @@ import numpy as np
 from ..config import TilingConfig, index_config_from_dict
 from ..encoder import Encoder
 from ..engine import Patchify
-from ..images import ImageSource
 from ..index.base import check_k, result_width
 from ..index.ivfpq import shortlist_size
+from ..query_front import QueryFront
 from ..records import Hit
 from . import layout
 
@@ -142,9 +142,9 @@ class LocalShards:
         self._shards = []
 
 
-class ShardedIndex:
+class ShardedIndex(QueryFront):
     """A sharded index, searched like one engine: `search`, `search_batch`, `search_vectors`, `embed_query(ies)`,
-    `n_images`, as `Patchify` has them (so a server can hold either).
+    `n_images`, as `Patchify` has them (patchify.query_front: so a server can hold either).
 
     >>> index = ShardedIndex.load("index-sharded")                 # shards in this process
     >>> index = ShardedIndex.load("index-sharded", executor="ray")  # one Ray actor per shard (ray.init() first)
@@ -223,26 +223,6 @@ class ShardedIndex:
         return self.n_images
 
     @property
-    def encoder(self) -> Encoder:
-        return self._encoder
-
-    @property
-    def backbone(self) -> "Backbone":
-        return self._encoder.backbone
-
-    @property
-    def tiling(self) -> TilingConfig:
-        return self._encoder.tiling
-
-    @property
-    def grids(self) -> tuple[int, ...]:
-        return self.tiling.grids
-
-    @property
-    def levels(self) -> tuple[int, ...]:
-        return self.tiling.levels
-
-    @property
     def index_config(self) -> "IndexConfig":
         return self._config
 
@@ -255,25 +235,11 @@ class ShardedIndex:
                 f"images={self.n_images}, patches={self.n_patches})")
 
     # ------------------------------------------------------------------ searching
-    def embed_query(self, query: ImageSource | np.ndarray) -> np.ndarray:
-        return self.embed_queries([query])[0]
+    def _check_searchable(self) -> None:
+        """Always: a sharded index holds at least one image (its build refuses otherwise)."""
 
-    def embed_queries(self, queries: Sequence[ImageSource | np.ndarray]) -> np.ndarray:
-        return self._encoder.embed_queries(queries, self.input_dim)
-
-    def search(self, query: ImageSource | np.ndarray, k: int = 10) -> list[Hit]:
-        """Top-k images for one query (as `Patchify.search`), over every shard."""
-        if isinstance(query, np.ndarray) and query.ndim == 2 and np.issubdtype(query.dtype, np.floating):
-            if query.shape[0] != 1:
-                raise ValueError(f"search takes one query; a ({query.shape[0]}, {query.shape[1]}) array is a batch: "
-                                 "use search_batch")
-            query = query[0]
-        return self.search_batch([query], k=k)[0]
-
-    def search_batch(self, queries: Sequence[ImageSource | np.ndarray], k: int = 10) -> list[list[Hit]]:
-        if isinstance(queries, np.ndarray) and queries.ndim == 2:
-            queries = list(queries)
-        return self._merged(self.embed_queries(list(queries)), k).hits
+    def _ranked_hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        return self._merged(vectors, k).hits
 
     def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As `Patchify.search_vectors`: backbone descriptors (nq, dim) -> (scores, global image ids, global patch
