@@ -188,6 +188,29 @@ def test_cli_builds_describes_and_searches_a_sharded_index(inputs, tmp_path, mon
     assert lines[2].split()[0] == "1" and lines[2].endswith(str(query))
 
 
+def test_cli_index_ray_connects_to_the_address_given_and_builds_on_encoder_actors(inputs, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The --ray wiring (the Ray build itself is tested below, without the CLI's real backbone)."""
+    pytest.importorskip("ray")
+    import patchify.backbones
+    from patchify.distributed import LocalBuild, ray_backend
+
+    monkeypatch.setattr(patchify.backbones, "load_backbone", lambda name, **kwargs: ThumbnailBackbone())
+    calls: list = []
+    monkeypatch.setattr(ray_backend, "connect", lambda address=None: calls.append(("connect", address)))
+    monkeypatch.setattr(ray_backend, "RayBuild", lambda actors, gpus_per_actor: calls.append(
+        ("actors", actors, gpus_per_actor)) or LocalBuild())
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in inputs[:5]:  # 5 x 16 4x4 cells: enough to learn the whitening from
+        shutil.copy(path, folder)
+    out = tmp_path / "sharded"
+    assert main(["index", str(folder), "--out", str(out), "--level", "1", "--quiet", "--ray", "ray://head:10001",
+                 "--actors", "3"]) == 0
+    assert calls == [("connect", "ray://head:10001"), ("actors", 3, None)]
+    assert "indexed 5 images (25 patches) into 1 shard (1 built now)" in capsys.readouterr().out
+
+
 def test_info_refuses_a_damaged_shared_training(built, tmp_path, capsys):
     _, directory, _ = built
     copy = Path(shutil.copytree(directory, tmp_path / "copy"))

@@ -109,7 +109,8 @@ def _index_sharded(args: argparse.Namespace, files: Sequence[Path]) -> int:
     for skipped in report.skipped:
         print(f"skipped {skipped.source}: {skipped.reason}", file=sys.stderr)
     kept = f", {len(built.shards_kept)} kept from an earlier run" if built.shards_kept else ""
-    print(f"indexed {report.n_images} images ({report.n_patches} patches) into {built.n_shards} shards "
+    print(f"indexed {report.n_images} images ({report.n_patches} patches) into {built.n_shards} "
+          f"shard{'s' if built.n_shards != 1 else ''} "
           f"({len(built.shards_built)} built now{kept}) in {report.seconds:.1f} s; skipped {len(report.skipped)}")
     print(f"sharded index: {args.out} ({store.folder_bytes(args.out):,} bytes on disk)")
     for note in report.notes:

@@ -168,7 +168,7 @@ class ShardedIndex(QueryFront):
         """executor: "local" (every shard in this process), "ray" (one actor per shard on the Ray cluster this
         process is connected to; ray_options go to `RayShards`: e.g. num_cpus per actor), or a ShardSearcher.
         backbone: as `Patchify.load` (must match the one that built it)."""
-        directory = Path(directory)
+        directory = Path(directory).absolute()  # the shard actors may run in another folder, or on other nodes
         manifest = layout.read_manifest(directory)
         shards = [shard for shard in manifest["shards"] if shard["n_images"]]
         if executor == "local":
