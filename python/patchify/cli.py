@@ -136,8 +136,9 @@ def _info_sharded(args: argparse.Namespace) -> int:
     options = ", ".join(f"{k}={v}" for k, v in index.items() if k not in ("kind", "dim"))
     print(f"sharded index {args.index_dir}: {len(manifest['shards'])} shards, {manifest['n_images']} images, "
           f"{manifest['n_patches']} patches, grids {manifest['tiling']['grids']}")
-    print(f"index kind: {index['kind']} (dim {index['dim']}; {options}); shared training learned on "
-          f"{manifest['shared']['sample_images']} sample images")
+    sample = manifest["shared"]["sample_images"]
+    shared = f"shared training learned on {sample} sample images" if sample else "nothing learned to share"
+    print(f"index kind: {index['kind']} (dim {index['dim']}; {options}); {shared}")
     print(f"whitening: {_whitening_text(manifest['whitening'], int(manifest['n_patches']))}")
     print(f"backbone: {manifest['backbone']['name']} [{manifest['backbone'].get('weights')}]")
     for shard in manifest["shards"]:
