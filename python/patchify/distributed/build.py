@@ -17,6 +17,7 @@ Ray build one per actor (patchify.distributed.ray_backend).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -264,7 +265,9 @@ def build_sharded_index(sources: "str | os.PathLike | Iterable[str | os.PathLike
                      check_global_weight(global_weight), batch_size, num_threads)
     root = Path(spec.directory)
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    _check_plan(root, {"settings": spec.settings(), "shards": shards})
+    # Each shard's inputs by digest: the plan stays small whatever the collection (the done markers list them).
+    _check_plan(root, {"settings": spec.settings(),
+                       "shards": [hashlib.sha256("\n".join(inputs).encode()).hexdigest() for inputs in shards]})
     run = _executor(executor)
     learned = False
     if not (layout.shared_folder(root) / layout.SHARED_DESCRIPTION).is_file():

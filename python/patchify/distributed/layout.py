@@ -5,8 +5,8 @@ A sharded index is a folder (on a filesystem every node of the cluster sees, whe
   sharded.json                   the manifest, written last (its presence means the index is complete): the
                                  backbone, tiling, index settings, the shared training's identity and, per shard, its
                                  folder and its global id offsets
-  build.json                     the build plan, written first: the settings and each shard's inputs. A re-run must
-                                 plan the same build; it then resumes, keeping every shard already complete
+  build.json                     the build plan, written first: the settings and the sha256 of each shard's inputs.
+                                 A re-run must plan the same build; it then resumes, keeping every complete shard
   shared/                        what is learned once, on a sample, for every shard: the whitening (whitening.npz)
                                  and the trained, empty IVFPQ index (ivfpq_*, rerank_*); shared.json describes it
                                  with its files' sha256 (the shards' codes are only comparable under one training)
