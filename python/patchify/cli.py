@@ -1,4 +1,5 @@
-"""Command line: `patchify index`, `patchify search`, `patchify info`, `patchify serve` (and `patchify eval`)."""
+"""Command line: `patchify index`, `patchify search`, `patchify info`, `patchify serve` (and `patchify eval`); index,
+search and info also take a sharded index (patchify.distributed: `patchify index --ray`)."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not files:
         print(f"error: {args.images_dir}: no files to index (empty folder)", file=sys.stderr)
         return 2
+    if args.ray is not None or args.shard_size is not None:
+        return _index_sharded(args, files)
     _check_output_folder(args.out, args.overwrite, args.append)
     if args.append and (args.out / store.MANIFEST).is_file():
         engine = Patchify.load(args.out, num_threads=args.threads, embedding_cache=args.cache or None)
@@ -73,6 +76,81 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"whitening: {_whitening_text(entry, engine.n_patches)}; global weight {engine.effective_global_weight:g}")
     for note in report.notes:
         print(f"note: {note}")
+    return 0
+
+
+def _index_sharded(args: argparse.Namespace, files: Sequence[Path]) -> int:
+    """`patchify index --ray [ADDRESS]` / `--shard-size N`: a sharded index (patchify.distributed); running the same
+    command again resumes an interrupted build."""
+    import shutil
+
+    from .config import DEFAULT_SHARD_IMAGES
+    from .distributed import build_sharded_index, layout
+
+    if args.append:
+        print("error: a sharded index is built in one go: --append is not supported with --ray/--shard-size",
+              file=sys.stderr)
+        return 2
+    if (args.out / layout.PLAN).is_file() and args.overwrite:
+        shutil.rmtree(args.out)
+    elif not (args.out / layout.PLAN).is_file():  # else: the same build again resumes it
+        _check_output_folder(args.out, args.overwrite, False)
+        if (args.out / store.MANIFEST).is_file():  # --overwrite of a single index
+            shutil.rmtree(args.out)
+    executor: Any = "local"
+    if args.ray is not None:
+        from .distributed.ray_backend import RayBuild, connect
+
+        connect(args.ray or None)
+        executor = RayBuild(args.actors, gpus_per_actor=args.gpus_per_actor)
+    built = build_sharded_index(files, args.out, backbone=args.backbone, level=args.level, overlap=args.overlap,
+                                index=args.index, whitening=args.whitening, global_weight=args.global_weight,
+                                shard_size=args.shard_size or DEFAULT_SHARD_IMAGES, sample_images=args.sample_images,
+                                batch_size=args.batch_size, num_threads=args.threads, executor=executor,
+                                progress=not args.quiet, precision=args.precision, cell_sizing=args.cell_sizing,
+                                **_index_settings(args))
+    report = built.report
+    for skipped in report.skipped:
+        print(f"skipped {skipped.source}: {skipped.reason}", file=sys.stderr)
+    kept = f", {len(built.shards_kept)} kept from an earlier run" if built.shards_kept else ""
+    print(f"indexed {report.n_images} images ({report.n_patches} patches) into {built.n_shards} "
+          f"shard{'s' if built.n_shards != 1 else ''} "
+          f"({len(built.shards_built)} built now{kept}) in {report.seconds:.1f} s; skipped {len(report.skipped)}")
+    print(f"sharded index: {args.out} ({store.folder_bytes(args.out):,} bytes on disk)")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _info_sharded(args: argparse.Namespace) -> int:
+    from .distributed import layout
+    from .distributed.build import SharedTraining
+
+    manifest = layout.read_manifest(args.index_dir)
+    SharedTraining.load(Path(args.index_dir))  # checks the shared training's files against their sha256
+    for shard in manifest["shards"]:
+        if shard["path"] is None:
+            continue
+        folder = Path(args.index_dir) / shard["path"]
+        if args.verify:
+            store.load(folder, verify=True)
+        else:
+            store.check_files(folder, store.read_manifest(folder), checksums=False)
+    index = manifest["index"]
+    options = ", ".join(f"{k}={v}" for k, v in index.items() if k not in ("kind", "dim"))
+    print(f"sharded index {args.index_dir}: {len(manifest['shards'])} shards, {manifest['n_images']} images, "
+          f"{manifest['n_patches']} patches, grids {manifest['tiling']['grids']}")
+    sample = manifest["shared"]["sample_images"]
+    shared = f"shared training learned on {sample} sample images" if sample else "nothing learned to share"
+    print(f"index kind: {index['kind']} (dim {index['dim']}; {options}); {shared}")
+    print(f"whitening: {_whitening_text(manifest['whitening'], int(manifest['n_patches']))}")
+    print(f"backbone: {manifest['backbone']['name']} [{manifest['backbone'].get('weights')}]")
+    for shard in manifest["shards"]:
+        print(f"  {shard['path'] or '(empty)'}: {shard['n_images']} images (global ids {shard['first_image_id']}.."
+              f"{shard['first_image_id'] + shard['n_images'] - 1}), {shard['n_patches']} patches")
+    print(f"{store.folder_bytes(Path(args.index_dir)):,} bytes on disk")
+    print("verified: every shard's files match their sha256 and load" if args.verify else
+          "checked: every shard's files are present with their sizes (--verify also checks sha256)")
     return 0
 
 
@@ -103,7 +181,18 @@ def _index_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_search(args: argparse.Namespace) -> int:
     from .images import ImageError
 
-    engine = Patchify.load(args.index_dir, num_threads=args.threads)
+    from .distributed import ShardedIndex, is_sharded_index
+
+    engine: Patchify | ShardedIndex
+    if is_sharded_index(args.index_dir):
+        if args.ray is not None:
+            from .distributed.ray_backend import connect
+
+            connect(args.ray or None)
+        engine = ShardedIndex.load(args.index_dir, num_threads=args.threads,
+                                   executor="local" if args.ray is None else "ray")
+    else:
+        engine = Patchify.load(args.index_dir, num_threads=args.threads)
     try:
         hits = engine.search(args.query, k=args.k)
     except (ImageError, ValueError) as exc:
@@ -125,6 +214,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .distributed import is_sharded_index
+
+    if is_sharded_index(args.index_dir):
+        return _info_sharded(args)
     manifest = store.read_manifest(args.index_dir)
     settings = store.describe(manifest)
     if args.verify:
@@ -294,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--threads", type=int, default=0, help="threads for tiling and search; 0 = all cores")
     index.add_argument("--cache", default=None, help="embedding cache folder (encode each image once)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+    sharded = index.add_argument_group("sharded index (patchify.distributed; the same command again resumes it)")
+    sharded.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                         help="build on Ray encoder actors: no ADDRESS = the cluster of this machine (started if "
+                              "none), 'auto', or ray://HEAD:10001")
+    sharded.add_argument("--shard-size", dest="shard_size", type=int, default=None,
+                         help="images per shard (default: patchify.config.DEFAULT_SHARD_IMAGES); without --ray, "
+                              "builds the shards in this process")
+    sharded.add_argument("--actors", type=int, default=None,
+                         help="encoder actors (default: one per GPU of the cluster, else 2)")
+    sharded.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, default=None,
+                         help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+    sharded.add_argument("--sample-images", dest="sample_images", type=int, default=None,
+                         help="images the shared whitening / IVFPQ training learn from (default: "
+                              "patchify.config.DEFAULT_SAMPLE_IMAGES for IVFPQ, the whitening's learn_images for flat)")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="search an index with a query image", formatter_class=formatter)
@@ -302,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="number of images to return")
     search.add_argument("--show", type=Path, default=None, help="draw the top results with their boxes into a PNG")
     search.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    search.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="a sharded index: one Ray actor per shard (default: every shard in this process)")
     search.set_defaults(func=cmd_search)
 
     evaluate = sub.add_parser("eval", help="mAP, LocScore and R@1 per grid level on a benchmark",

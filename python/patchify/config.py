@@ -50,6 +50,11 @@ MIN_POINTS_PER_CENTROID = 39
 # Most vectors any training step (IVFPQ codebooks, whitening) learns from: a uniform sample beyond that. faiss's
 # k-means itself never uses more than 256 points per centroid.
 MAX_TRAINING_VECTORS = 262_144
+# A sharded index (patchify.distributed): images per shard (the unit of work, of retry and of resume; a shard is a
+# normal saved index, searched by one process), and how many images, spread over the inputs, an IVFPQ build learns
+# its shared whitening and codebooks from (a flat build learns its whitening from WhiteningConfig.learn_images).
+DEFAULT_SHARD_IMAGES = 10_000
+DEFAULT_SAMPLE_IMAGES = 2_048
 
 
 def grids_for_level(level: int) -> tuple[int, ...]:

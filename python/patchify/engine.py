@@ -25,6 +25,7 @@ from .encoder import EncodedBatch, Encoder
 from .fusion import fold, unfold, whole_image_rows
 from .images import ImageSource, list_image_files
 from .index.base import check_k
+from .query_front import QueryFront
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
 from .training import select_training_vectors
 from .whitening import LearningSet, Whitening, learning_images
@@ -41,7 +42,7 @@ TRAINING_BUFFER = MAX_TRAINING_VECTORS
 WhiteningSetting = Union[str, bool, WhiteningConfig, Whitening, None]
 
 
-class Patchify:
+class Patchify(QueryFront):
     """Patch-wise instance retrieval engine.
 
     >>> engine = Patchify(backbone="dinov2_vits14", level=2, index="flat")
@@ -92,7 +93,7 @@ class Patchify:
         self._compose(Encoder(backbone, tiling, batch_size=batch_size, num_threads=num_threads,
                               embedding_cache=embedding_cache, precision=precision),
                       index_config(index, **index_settings))
-        self._whitening_config, self._whitening = _whitening_setting(whitening)
+        self._whitening_config, self._whitening = whitening_setting(whitening)
         self.global_weight = global_weight
         # For training_source "given" / "gt-aligned": e.g. embeddings of crops at ground-truth boxes.
         self.training_vectors = None if training_vectors is None else np.asarray(training_vectors, np.float32)
@@ -122,27 +123,6 @@ class Patchify:
         self.progress = False
 
     # ------------------------------------------------------------------ what it holds
-    @property
-    def encoder(self) -> Encoder:
-        return self._encoder
-
-    @property
-    def tiling(self) -> TilingConfig:
-        return self._encoder.tiling
-
-    @property
-    def grids(self) -> tuple[int, ...]:
-        return self.tiling.grids
-
-    @property
-    def levels(self) -> tuple[int, ...]:
-        return self.tiling.levels
-
-    @property
-    def backbone(self) -> "Backbone":
-        """The encoder's backbone, loaded on first use (searching by vector never loads it)."""
-        return self._encoder.backbone
-
     @property
     def index(self) -> "PatchIndex | None":
         return self._index
@@ -515,32 +495,11 @@ class Patchify:
         return removed
 
     # ------------------------------------------------------------------ searching
-    def embed_query(self, query: ImageSource | np.ndarray) -> np.ndarray:
-        """The query's global descriptor (whole image, L2-normalised); a 1-D vector is passed through."""
-        return self.embed_queries([query])[0]
-
-    def embed_queries(self, queries: Sequence[ImageSource | np.ndarray]) -> np.ndarray:
-        return self._encoder.embed_queries(queries, self.input_dim)
-
-    def search(self, query: ImageSource | np.ndarray, k: int = 10) -> list[Hit]:
-        """Top-k images for one query: a path, PIL image, HxWx3 uint8 array, or a descriptor (a 1-D float
-        vector, or a (1, dim) row)."""
-        if isinstance(query, np.ndarray) and query.ndim == 2 and np.issubdtype(query.dtype, np.floating):
-            if query.shape[0] != 1:
-                raise ValueError(f"search takes one query; a ({query.shape[0]}, {query.shape[1]}) array is a batch: "
-                                 "use search_batch")
-            query = query[0]
-        return self.search_batch([query], k=k)[0]
-
-    def search_batch(self, queries: Sequence[ImageSource | np.ndarray], k: int = 10) -> list[list[Hit]]:
-        """Top-k images for each query; a 2-D float array is taken as a batch of descriptor vectors. At most
-        n_images hits per query, whatever k."""
-        if isinstance(queries, np.ndarray) and queries.ndim == 2:
-            queries = list(queries)
-        k = check_k(k)
+    def _check_searchable(self) -> None:
         if self._index is None or self._index.ntotal == 0:
             raise ValueError("the index is empty: add images before searching")
-        vectors = self.embed_queries(list(queries))
+
+    def _ranked_hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         scores, image_ids, patch_ids = self.search_vectors(vectors, k)
         return [self._hits(scores[q], image_ids[q], patch_ids[q]) for q in range(len(vectors))]
 
@@ -549,26 +508,75 @@ class Patchify:
         ids, winning patch ids), each (nq, min(k, images)), best first, padded with -inf / -1. Applies the
         whitening; the global + patch fusion is folded into the stored vectors (patchify.fusion)."""
         k = check_k(k)
-        if self._index is None or self._index.ntotal == 0:
-            raise ValueError("the index is empty: add images before searching")
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        self._check_input_dim(queries.shape[1])
-        if self._whitening is not None:
-            queries = self._whitening.apply(queries)
+        self._check_searchable()
+        queries = self._index_space(queries)
         weight = self.effective_global_weight
         if weight > 0 and not self._folds():
             return self._fused_second_stage(queries, k, weight)
+        assert self._index is not None  # _check_searchable
         return self._index.search(queries, k)
+
+    def search_candidates(self, queries: np.ndarray, k: int
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What `search_vectors` chooses its top k from, for merging the results of engines that share their
+        training (the shards of patchify.distributed): (first-stage scores, scores, image ids, winning patch ids),
+        each (nq, c), sorted by score. A two-stage IVFPQ index gives its whole shortlist: its top k are the best k by
+        score among the best `shortlist(k)` by first-stage (PQ) score. Flat and one-stage IVFPQ give their top k
+        (first-stage score = score)."""
+        from .index.ivfpq import IVFPQIndex
+
+        k = check_k(k)
+        self._check_searchable()
+        index = self._index
+        if not isinstance(index, IVFPQIndex) or index.rerank_store is None:
+            scores, images, patches = self.search_vectors(queries, k)
+            return scores, scores, images, patches
+        queries = self._index_space(queries)
+        weight = self.effective_global_weight
+        if weight > 0:
+            return self._fused_shortlist(queries, k, weight)
+        return index.search_shortlist_scored(queries, k)
+
+    def _index_space(self, queries: np.ndarray) -> np.ndarray:
+        """Backbone descriptors (nq, dim) as the index compares them: float32, whitened when the index is."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        self._check_input_dim(queries.shape[1])
+        return self._whitening.apply(queries) if self._whitening is not None else queries
+
+    def start_from_trained(self, index: "PatchIndex") -> None:
+        """Gives this empty engine a trained, empty index to fill (e.g. IVFPQ codebooks trained once, on a sample,
+        for every shard of a sharded index: `IVFPQIndex.trained_copy`), so that engines sharing it hold comparable
+        codes. An engine that whitens must have its whitening already (given as `whitening=`): the index was
+        trained in that space."""
+        if self._index is not None or self._images:
+            raise ValueError("start_from_trained needs an empty engine")
+        if not index.is_trained or index.ntotal:
+            raise ValueError("start_from_trained takes a trained, empty index")
+        if self._whitening_config is not None and self._whitening is None:
+            raise ValueError("this engine still has to learn its whitening: give the one the index was trained "
+                             "with (whitening=Whitening)")
+        if self._whitening is not None and self._whitening.output_dim != index.dim:
+            raise ValueError(f"the index holds dimension {index.dim}, the whitening gives {self._whitening.output_dim}")
+        self._index, self._index_config = index, index.config
 
     def _fused_second_stage(self, queries: np.ndarray, k: int, weight: float
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """IVFPQ: the second stage's exact best-patch scores of the whole shortlist, fused with each image's
         whole-image score read from the re-rank store, top k of those."""
+        _, fused, images, patches = self._fused_shortlist(queries, k, weight)
+        width = min(k, fused.shape[1])
+        return fused[:, :width], images[:, :width], patches[:, :width]
+
+    def _fused_shortlist(self, queries: np.ndarray, k: int, weight: float
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """IVFPQ: the whole shortlist of a top-k search, each image's exact best-patch score fused with its
+        whole-image score read from the re-rank store, sorted by that: (first-stage scores, fused scores, image
+        ids, patch ids)."""
         from .index.ivfpq import IVFPQIndex
 
         index = self._index
         assert isinstance(index, IVFPQIndex) and index.rerank_store is not None
-        scores, images, patches = index.search_shortlist(queries, k)
+        first, scores, images, patches = index.search_shortlist_scored(queries, k)
         whole = self._whole_image_patches()
         has = images >= 0
         whole_ids = np.where(has, whole[np.where(has, images, 0)], -1)
@@ -577,8 +585,8 @@ class Patchify:
         if len(rows):
             g = np.einsum("nd,nd->n", index.rerank_store.rows(whole_ids[rows, cols]), queries[rows])
             fused[rows, cols] = weight * g + (1.0 - weight) * scores[rows, cols]
-        order = np.argsort(-fused, axis=1, kind="stable")[:, :min(k, fused.shape[1])]
-        return (np.take_along_axis(fused, order, axis=1).astype(np.float32),
+        order = np.argsort(-fused, axis=1, kind="stable")
+        return (np.take_along_axis(first, order, axis=1), np.take_along_axis(fused, order, axis=1).astype(np.float32),
                 np.take_along_axis(images, order, axis=1), np.take_along_axis(patches, order, axis=1))
 
     def _whole_image_patches(self) -> np.ndarray:
@@ -660,7 +668,7 @@ def _learning_set(config: WhiteningConfig, vectors: np.ndarray, patches: PatchTa
     return LearningSet(vectors, n_images, "indexed patches")
 
 
-def _whitening_setting(setting: WhiteningSetting) -> tuple[WhiteningConfig | None, Whitening | None]:
+def whitening_setting(setting: WhiteningSetting) -> tuple[WhiteningConfig | None, Whitening | None]:
     """(what to learn, what is already learned) from the `whitening=` argument."""
     if setting is None or setting is False or setting == "none":
         return None, None

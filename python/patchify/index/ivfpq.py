@@ -125,6 +125,24 @@ class IVFPQIndex:
         self._build_scanner()
         return self
 
+    def trained_copy(self) -> "IVFPQIndex":
+        """An empty index with this one's training (coarse quantiser, PQ codebooks, int8 re-rank ranges) and
+        settings. Indexes sharing one training hold comparable codes and scores, so their results merge exactly
+        (the shards of patchify.distributed)."""
+        if not self.is_trained:
+            raise ValueError("trained_copy: the index is not trained")
+        ivf = _faiss().clone_index(self._index)
+        ivf.reset()  # drops the vectors and ids, keeps the quantiser and codebooks
+        copy = type(self)(self.dim, nlist=self.nlist, m=self.m, nbits=self.nbits, nprobe=self.nprobe,
+                          num_threads=self.num_threads, train_iterations=self.train_iterations, coarse=self.coarse,
+                          training_source=self.training_source, rerank=self.rerank,
+                          rerank_shortlist=self.rerank_shortlist, rerank_storage=self.rerank_storage)
+        copy._index = ivf
+        if self._rerank is not None:
+            copy._rerank = self._rerank.trained_copy()
+        copy._build_scanner()
+        return copy
+
     @property
     def config(self) -> IVFPQConfig:
         """The settings as they are now (nlist as trained, nprobe as last set)."""
@@ -267,9 +285,7 @@ class IVFPQIndex:
 
     def shortlist(self, k: int) -> int:
         """Images the first stage hands to the second for a top-k search."""
-        if self.rerank_shortlist is not None:
-            return max(int(self.rerank_shortlist), k)
-        return max(RERANK_SHORTLIST_FACTOR * k, RERANK_MIN_SHORTLIST)
+        return shortlist_size(k, self.rerank_shortlist)
 
     def search_shortlist(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All `shortlist(k)` images of a top-k two-stage search, re-scored and sorted: (nq, shortlist) arrays as
@@ -279,24 +295,43 @@ class IVFPQIndex:
         q, k = self._checked(queries, k)
         if k == 0:
             return _no_columns(len(q))
+        return self.search_shortlist_scored(q, k)[1:]
+
+    def search_shortlist_scored(self, queries: np.ndarray, k: int
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`search_shortlist` with each image's first-stage (PQ) score in front: (first-stage scores, scores, image
+        ids, patch ids). The top k of a two-stage search are the best k by score among the best shortlist(k) by
+        first-stage score, so indexes sharing one training merge exactly with these (patchify.distributed)."""
+        if self._rerank is None:
+            raise ValueError("search_shortlist_scored needs the re-rank store (rerank='int8' or 'float16')")
+        q, k = self._checked(queries, k)
+        if k == 0:
+            return (np.zeros((len(q), 0), np.float32), *_no_columns(len(q)))
         width = result_width(self.shortlist(k), self._num_images)
-        return self._two_stage(q, width, shortlist=width)
+        return self._two_stage_scored(q, width, shortlist=width)
 
     def _two_stage(self, q: np.ndarray, k: int, shortlist: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The fused scanner's best `shortlist(k)` images (or `shortlist` of them), re-scored from the re-rank store
         (max over each one's patches), the top k of those."""
+        return self._two_stage_scored(q, k, shortlist)[1:]
+
+    def _two_stage_scored(self, q: np.ndarray, k: int, shortlist: int | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`_two_stage` with the first-stage score of each image returned in front."""
         assert self._rerank is not None
         width = shortlist if shortlist is not None else result_width(self.shortlist(k), self._num_images)
-        _, first_images, _ = self._first_stage(q, width)
+        first_scores, first_images, _ = self._first_stage(q, width)
         if self._image_patches is None:
             self._image_patches = ImagePatches(self._map, self._num_images)
         best, winners = self._rerank.max_over_images(q, first_images, self._image_patches, self.num_threads)
         order = np.argsort(-best, axis=1, kind="stable")[:, :k]  # -inf (no image) sorts last
         scores = np.take_along_axis(best, order, axis=1)
-        images = np.where(np.isfinite(scores), np.take_along_axis(first_images, order, axis=1), -1)
-        patches = np.where(np.isfinite(scores), np.take_along_axis(winners, order, axis=1), -1)
-        return scores, images, patches
+        found = np.isfinite(scores)
+        images = np.where(found, np.take_along_axis(first_images, order, axis=1), -1)
+        patches = np.where(found, np.take_along_axis(winners, order, axis=1), -1)
+        first = np.where(found, np.take_along_axis(first_scores, order, axis=1), -np.inf).astype(np.float32)
+        return first, scores, images, patches
 
     def _nprobe(self) -> int:
         return max(1, min(int(self.nprobe), int(self._index.nlist)))
@@ -457,6 +492,14 @@ class IVFPQIndex:
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
+
+
+def shortlist_size(k: int, rerank_shortlist: int | None) -> int:
+    """Images the first stage hands to the second for a top-k search (rerank_shortlist: the setting, None = the
+    default rule)."""
+    if rerank_shortlist is not None:
+        return max(int(rerank_shortlist), k)
+    return max(RERANK_SHORTLIST_FACTOR * k, RERANK_MIN_SHORTLIST)
 
 
 def _no_columns(nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -81,6 +81,13 @@ class RerankStore:
         sq.train(np.ascontiguousarray(vectors, np.float32))
         self._set_quantizer(sq)
 
+    def trained_copy(self) -> "RerankStore":
+        """An empty store with this one's codec and int8 ranges."""
+        copy = RerankStore(self.dim, self.codec)
+        if self._sq is not None:
+            copy._set_quantizer(self._sq)  # read-only from here on: encode/decode never change it
+        return copy
+
     def _set_quantizer(self, sq: Any) -> None:
         self._sq = sq
         trained = _faiss().vector_to_array(sq.trained).astype(np.float32)
