@@ -5,10 +5,10 @@
         [--json out.json]
 
 A mode is a cell sizing ("crop" = every cell resized to 224 px, the paper's and the baseline; "fit" = cells at about
-their own pixel size, patchify.tiling.cell_input_sizes; "fit168" = fit with a 168 px floor) and a backbone precision
-(fp32, int8, fp16). Every mode indexes the same images at every level with the default backbone, a flat index and
-no whitening (the whitening's one-time learning pass is not per-image cost; see RESULTS.md), the backbone loaded
-once per mode beforehand. Rounds run every (mode, level) in turn; the best round is kept. Ratios are against
+their own pixel size, patchify.tiling.cell_input_sizes; "fit168", "fit196" = fit with that floor) and a backbone
+precision (fp32, int8, fp16). Every mode indexes the same images at every level with the default backbone, a flat
+index and no whitening (the whitening's one-time learning pass is not per-image cost; see RESULTS.md), the backbone
+loaded once per mode beforehand. Rounds run every (mode, level) in turn; the best round is kept. Ratios are against
 crop-fp32 in the same run, by wall-clock time and by CPU time (`time.process_time`: all the process's threads).
 On a machine shared with other work the wall clock moves with the neighbours' load, CPU time much less: with
 --threads 1 the CPU ratio is what an idle machine's wall-clock ratio would be.
@@ -43,6 +43,8 @@ MODES: dict[str, tuple[str, int, str]] = {
     "fit-int8": ("fit", MIN_FIT_INPUT_SIZE, "int8"),
     "fit168-fp32": ("fit", 168, "fp32"),
     "fit168-int8": ("fit", 168, "int8"),
+    "fit196-fp32": ("fit", 196, "fp32"),
+    "fit196-int8": ("fit", 196, "int8"),
     "crop-fp16": ("fixed", MIN_FIT_INPUT_SIZE, "fp16"),
 }
 BASELINE = "crop-fp32"

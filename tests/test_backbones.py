@@ -321,7 +321,7 @@ def test_clip_siglip_towers_random_weights(model: str, dim: int, mean: float, tm
 
 # -- input sizes and precisions (issue "Indexing at a fraction of the backbone cost") -------------------------------
 
-def _photo_pixels(photo: Path, size: int) -> np.ndarray:
+def _photo_at_size(photo: Path, size: int) -> np.ndarray:
     from patchify.preprocess import Preprocess
     from patchify.tiling import prepare_whole_images
 
@@ -337,8 +337,8 @@ def test_default_backbone_takes_multiples_of_its_patch_size(default_backbone: Ba
     # The position table is resampled to the input's grid: the same photo at 112 px (8x8 tokens) and 224 px (16x16)
     # embeds close together, closer than two different photos at the same size. A table taken at the wrong grid
     # (cut or misaligned) breaks the first.
-    small = [default_backbone.encode(_photo_pixels(p, 112))[0] for p in photos[:3]]
-    large = [default_backbone.encode(_photo_pixels(p, 224))[0] for p in photos[:3]]
+    small = [default_backbone.encode(_photo_at_size(p, 112))[0] for p in photos[:3]]
+    large = [default_backbone.encode(_photo_at_size(p, 224))[0] for p in photos[:3]]
     same = [float(a @ b) for a, b in zip(small, large)]
     other = [float(small[i] @ large[j]) for i in range(3) for j in range(3) if i != j]
     assert min(same) > 0.75, same
@@ -353,8 +353,8 @@ def test_lower_precisions_track_fp32(default_backbone: Backbone, backbone_cache:
     assert "precision" not in default_backbone.identity  # fp32 identities are those of indexes built before
     assert {k: v for k, v in low.identity.items() if k != "precision"} == default_backbone.identity
     assert low.path is not None and low.path.name == f"model-{precision}.onnx"
-    pixels = np.concatenate([_photo_pixels(p, 224) for p in photos[:4]])
-    small = _photo_pixels(photos[4], 112)  # a fit-sized cell
+    pixels = np.concatenate([_photo_at_size(p, 224) for p in photos[:4]])
+    small = _photo_at_size(photos[4], 112)  # a fit-sized cell
     reference = np.concatenate([default_backbone.encode(pixels), default_backbone.encode(small)])
     approx = np.concatenate([low.encode(pixels), low.encode(small)])
     cosines = (reference * approx).sum(axis=1)
