@@ -229,7 +229,7 @@ def test_training_size_checks_and_auto_nlist(data):
     with pytest.raises(ValueError, match=r"at least 39000 vectors"):
         IVFPQIndex(DIM, nlist=1000, m=M).train(x)
     assert auto_nlist(10_000) == 256 and auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2
-    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=4, rerank=None)  # 16 PQ centroids: 39 * 16 = 624 suffice
+    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=6, rerank=None)  # 64 PQ centroids: 39 * 64 = 2496 suffice
     index.train(x[:3003])
     assert index.nlist == auto_nlist(3003) == 77  # capped: 3003 // 39
     index.add(x[:3003], np.arange(3003), np.arange(3003) // 7)
