@@ -82,8 +82,9 @@ class IVFPQIndex:
             parsed = IVFPQConfig.from_factory(factory)
             nlist, m, nbits = parsed.nlist, parsed.m, parsed.nbits
         # The config checks each setting's range; what depends on the dimension is checked here.
-        IVFPQConfig(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, training_source=training_source, rerank=rerank,
-                    rerank_shortlist=rerank_shortlist, rerank_storage=rerank_storage)
+        checked = IVFPQConfig(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, training_source=training_source,
+                              rerank=rerank, rerank_shortlist=rerank_shortlist, rerank_storage=rerank_storage)
+        rerank = checked.rerank  # "none" spelled out means None
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         if dim % m:
