@@ -75,6 +75,11 @@ COMPRESSION = [
     # Which codes: one stage (PQ scores only) trained on every patch, on the "salient" selection, after OPQ.
     Setting("IVFPQ one stage, salient training", {**_PQ, "rerank": "none", "training_source": "salient"}),
     Setting("IVFPQ one stage, OPQ", {**_PQ, "rerank": "none"}, opq=True),
+    # 4-bit fast-scan codes (faiss IndexIVFPQFastScan layout, the fused fast-scan scanner): PQ48x4 is 24 bytes of
+    # codes per patch, PQ32x4 16 (the first stage's <= 32 B/patch with ids and the patch -> image map).
+    Setting("IVFPQ PQ48x4 fast-scan one stage", {**_PQ, "nbits": 4, "rerank": "none"}),
+    Setting("IVFPQ PQ48x4 fast-scan + re-rank int8", {**_PQ, "nbits": 4}),
+    Setting("IVFPQ PQ32x4 fast-scan + re-rank int8", {**_PQ, "m": 32, "nbits": 4}),
 ]
 SUITES = {"scoring": SCORING, "compression": COMPRESSION}
 
@@ -201,6 +206,8 @@ def main() -> int:
     ap.add_argument("--suite", choices=list(SUITES), default="scoring",
                     help="scoring: raw / whitened / fusion; compression: flat vs IVFPQ with and without re-rank")
     ap.add_argument("--min-level", type=int, default=0, choices=range(4))
+    ap.add_argument("--settings", default=None,
+                    help="only the suite's settings whose name contains one of these comma-separated strings")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--dump-vectors", type=Path, default=None, metavar="DIR",
                     help="also write every set's patch vectors (patches.npy) and queries (queries.npy) there, for "
@@ -240,6 +247,8 @@ def main() -> int:
         for setting in SUITES[args.suite]:
             if setting.learn_on_others and others is None:
                 continue
+            if args.settings and not any(part in setting.name for part in args.settings.split(",")):
+                continue
             # faiss's OPQ trains an 8-bit PQ inside: below its 39 x 256 points it warns, and on a few hundred
             # points it crashed (double free, faiss 1.x); report OPQ only where it can train.
             if setting.opq and int((data.grid <= args.min_level + 1).sum()) < 39 * 256:
@@ -258,13 +267,14 @@ def main() -> int:
     pairs = ([(default, "raw max (paper)"), (default, "whitened max"),
               (default, "whitened on indexed patches + fusion w.25")] if args.suite == "scoring" else
              [("IVFPQ + re-rank int8 (default)", "flat (default scoring)"),
+              ("IVFPQ PQ48x4 fast-scan + re-rank int8", "flat (default scoring)"),
               ("IVFPQ one stage (default scoring)", "flat (default scoring)"),
               ("IVFPQ, raw max + re-rank int8", "flat, raw max (paper)")])
     for name in results:
         for lv in range(args.min_level, args.max_level + 1):
             r = results[name]
             print(f"{name} L{lv}: " + "; ".join(f"{a} vs {b} {paired_line(r[a][lv]['ap'], r[b][lv]['ap'])}"
-                                                for a, b in pairs))
+                                                for a, b in pairs if a in r and b in r))
     if args.suite == "compression":
         from patchify.config import IVFPQConfig
 
