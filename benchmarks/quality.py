@@ -80,6 +80,7 @@ COMPRESSION = [
     Setting("IVFPQ PQ48x4 fast-scan one stage", {**_PQ, "nbits": 4, "rerank": "none"}),
     Setting("IVFPQ PQ48x4 fast-scan + re-rank int8", {**_PQ, "nbits": 4}),
     Setting("IVFPQ PQ32x4 fast-scan + re-rank int8", {**_PQ, "m": 32, "nbits": 4}),
+    Setting("IVFPQ PQ48x4 fast-scan + re-rank int8, shortlist 200", {**_PQ, "nbits": 4, "rerank_shortlist": 200}),
 ]
 SUITES = {"scoring": SCORING, "compression": COMPRESSION}
 
