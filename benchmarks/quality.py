@@ -75,6 +75,12 @@ COMPRESSION = [
     # Which codes: one stage (PQ scores only) trained on every patch, on the "salient" selection, after OPQ.
     Setting("IVFPQ one stage, salient training", {**_PQ, "rerank": "none", "training_source": "salient"}),
     Setting("IVFPQ one stage, OPQ", {**_PQ, "rerank": "none"}, opq=True),
+    # 4-bit fast-scan codes (faiss IndexIVFPQFastScan layout, the fused fast-scan scanner): PQ48x4 is 24 bytes of
+    # codes per patch, PQ32x4 16 (the first stage's <= 32 B/patch with ids and the patch -> image map).
+    Setting("IVFPQ PQ48x4 fast-scan one stage", {**_PQ, "nbits": 4, "rerank": "none"}),
+    Setting("IVFPQ PQ48x4 fast-scan + re-rank int8", {**_PQ, "nbits": 4}),
+    Setting("IVFPQ PQ32x4 fast-scan + re-rank int8", {**_PQ, "m": 32, "nbits": 4}),
+    Setting("IVFPQ PQ48x4 fast-scan + re-rank int8, shortlist 200", {**_PQ, "nbits": 4, "rerank_shortlist": 200}),
 ]
 # Encoding modes (issue "Indexing at a fraction of the backbone cost"): the default scoring only, run once per mode
 # (--precision, --cell-sizing) and compared with the crop-mode float32 run of the same command.
@@ -82,8 +88,8 @@ DEFAULT_ONLY = [Setting("whitened + fusion w.25 (default)", {})]
 SUITES = {"scoring": SCORING, "compression": COMPRESSION, "default": DEFAULT_ONLY}
 
 
-def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, others: np.ndarray | None
-                ) -> dict[str, Any]:
+def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, others: np.ndarray | None,
+                k: int | None = None) -> dict[str, Any]:
     from patchify.config import IVFPQConfig
     from patchify.whitening import Whitening
 
@@ -99,8 +105,10 @@ def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, ot
         options["whitening"] = opq_whitening(data, level, options["m"])
     engine = build_engine(data, level, options)
     started = time.perf_counter()
-    # Every image ranked; a two-stage IVFPQ search ranks only its shortlist (rerank_shortlist: 100 here).
-    scores, image_ids, patch_ids = engine.search_vectors(data.queries, k=data.n_images)
+    # Every image ranked (k None), or the top k. A two-stage IVFPQ search re-ranks max(rerank_shortlist, k) images:
+    # with every image asked for, that is every image its first stage reached, so the shortlist's recall only
+    # shows with a k below the database size (--k 100: a top-100 search re-ranking a shortlist of 100).
+    scores, image_ids, patch_ids = engine.search_vectors(data.queries, k=k or data.n_images)
     search = time.perf_counter() - started
     result = evaluate(data, scores, image_ids, engine.patches.box[patch_ids])
     result.update(build_s=engine.build_seconds, search_s=search,
@@ -212,6 +220,11 @@ def main() -> int:
                     help="fit: smallest cell side (default patchify.config.MIN_FIT_INPUT_SIZE)")
     ap.add_argument("--grocery-every", dest="grocery_every", type=int, default=1,
                     help="grocery: keep every N-th database photo (a spread subsample; queries unchanged)")
+    ap.add_argument("--k", type=int, default=None,
+                    help="rank only the top k images per query (default: every image); AP counts the positives "
+                         "outside the top k as not found, for every setting alike")
+    ap.add_argument("--settings", default=None,
+                    help="only the suite's settings whose name contains one of these comma-separated strings")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--compare", type=Path, default=None, metavar="JSON",
                     help="a --json of an earlier run (e.g. crop mode): per-query AP differences, this run - that")
@@ -257,11 +270,13 @@ def main() -> int:
         for setting in SUITES[args.suite]:
             if setting.learn_on_others and others is None:
                 continue
+            if args.settings and not any(part in setting.name for part in args.settings.split(",")):
+                continue
             # faiss's OPQ trains an 8-bit PQ inside: below its 39 x 256 points it warns, and on a few hundred
             # points it crashed (double free, faiss 1.x); report OPQ only where it can train.
             if setting.opq and int((data.grid <= args.min_level + 1).sum()) < 39 * 256:
                 continue
-            results[name][setting.name] = {lv: run_setting(data, setting, lv, others)
+            results[name][setting.name] = {lv: run_setting(data, setting, lv, others, args.k)
                                            for lv in range(args.min_level, args.max_level + 1)}
             row = results[name][setting.name]
             print(f"{name:9s} {setting.name:38s} " + "  ".join(
@@ -275,6 +290,7 @@ def main() -> int:
     pairs = {"scoring": [(default, "raw max (paper)"), (default, "whitened max"),
                          (default, "whitened on indexed patches + fusion w.25")],
              "compression": [("IVFPQ + re-rank int8 (default)", "flat (default scoring)"),
+                             ("IVFPQ PQ48x4 fast-scan + re-rank int8", "flat (default scoring)"),
                              ("IVFPQ one stage (default scoring)", "flat (default scoring)"),
                              ("IVFPQ, raw max + re-rank int8", "flat, raw max (paper)")],
              "default": []}[args.suite]  # one setting: compare runs of other modes with --compare
@@ -282,7 +298,7 @@ def main() -> int:
         for lv in range(args.min_level, args.max_level + 1):
             r = results[name]
             print(f"{name} L{lv}: " + "; ".join(f"{a} vs {b} {paired_line(r[a][lv]['ap'], r[b][lv]['ap'])}"
-                                                for a, b in pairs))
+                                                for a, b in pairs if a in r and b in r))
     if args.compare:
         before = json.loads(args.compare.read_text())["results"]
         print(f"\nThis run - {args.compare} ({json.loads(args.compare.read_text())['encoding']}), per-query AP:")
@@ -305,9 +321,10 @@ def main() -> int:
         for name, data in sets.items():
             n = int((data.grid <= args.max_level + 1).sum())
             nbits = 8 if n >= IVFPQConfig(nbits=8).min_training_vectors() else 5
-            recall = recall_vs_shortlist(data, args.max_level, nbits)
-            print(f"  {name} L{args.max_level} PQ48x{nbits}: "
-                  + "  ".join(f"R={r}: {v:.3f}" for r, v in recall.items()))
+            for bits in (nbits, 4):  # and the 4-bit fast-scan first stage
+                recall = recall_vs_shortlist(data, args.max_level, bits)
+                print(f"  {name} L{args.max_level} PQ48x{bits}: "
+                      + "  ".join(f"R={r}: {v:.3f}" for r, v in recall.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         # Per-query APs stay in: --compare pairs two runs (e.g. two encoding modes) query by query.

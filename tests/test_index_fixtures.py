@@ -39,3 +39,12 @@ def test_saved_index_refuses_another_backbone(saved):
     with pytest.raises(ValueError, match="backbone mismatch"):
         engine = Patchify.load(saved, backbone=ThumbnailBackbone(input_size=48))  # type: ignore[arg-type]
         engine.search(query(), k=1)
+
+
+def test_ivfpq_layout_is_read_from_the_faiss_file():
+    """nbits=4 indexes saved before the fast-scan layout hold a plain IndexIVFPQ and are scanned as such; those
+    saved since hold an IndexIVFPQFastScan (same manifest format: the faiss file says which)."""
+    for saved in SAVED:
+        if saved.name.startswith("ivfpq"):
+            engine = Patchify.load(saved, backbone=ThumbnailBackbone())  # type: ignore[arg-type]
+            assert engine.index.fast_scan == (saved.name == "ivfpq_fastscan"), saved

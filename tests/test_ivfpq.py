@@ -229,7 +229,7 @@ def test_training_size_checks_and_auto_nlist(data):
     with pytest.raises(ValueError, match=r"at least 39000 vectors"):
         IVFPQIndex(DIM, nlist=1000, m=M).train(x)
     assert auto_nlist(10_000) == 256 and auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2
-    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=4, rerank=None)  # 16 PQ centroids: 39 * 16 = 624 suffice
+    index = IVFPQIndex(DIM, nlist=None, m=4, nbits=6, rerank=None)  # 64 PQ centroids: 39 * 64 = 2496 suffice
     index.train(x[:3003])
     assert index.nlist == auto_nlist(3003) == 77  # capped: 3003 // 39
     index.add(x[:3003], np.arange(3003), np.arange(3003) // 7)
@@ -346,3 +346,10 @@ def test_engine_searches_exactly_until_it_can_train(photos, thumbnail_backbone, 
     assert loaded.exact_until_trained is None and loaded.index.kind == "ivfpq" and loaded.index.ntotal == 700
     assert any("trained" in note for note in report.notes)
     assert loaded.search(photos[3], k=1)[0].image_id == 3
+    # nbits=4: the fast-scan layout, saved (manifest v3, the faiss file says which layout) and read back as such.
+    assert loaded.index.fast_scan
+    loaded.save(tmp_path / "trained")
+    again = Patchify.load(tmp_path / "trained", backbone=thumbnail_backbone)
+    assert again.index.fast_scan and again.index.ntotal == 700
+    first, second = loaded.search(photos[5], k=3), again.search(photos[5], k=3)
+    assert [h.image_id for h in first] == [h.image_id for h in second] and first[0].image_id == 5

@@ -42,6 +42,7 @@ libubsan=$(g++ -print-file-name=libubsan.so)
 LD_PRELOAD="$libasan:$libubsan" PYTHONPATH="$pkg" python -c \
   "import patchify, patchify._core as c; assert '$pkg' in patchify.__file__, patchify.__file__; print('sanitized core:', c.__file__)"
 LD_PRELOAD="$libasan:$libubsan" PYTHONPATH="$pkg" python -m pytest -q -p no:cacheprovider -m "not slow" \
-  tests/test_fuzz.py tests/test_tiler.py tests/test_flat_index.py tests/test_ivfpq.py tests/test_index_validation.py \
+  tests/test_fuzz.py tests/test_tiler.py tests/test_flat_index.py tests/test_ivfpq.py tests/test_ivfpq_fastscan.py \
+  tests/test_index_validation.py \
   tests/test_index_fixtures.py tests/test_engine.py tests/test_cli.py tests/test_rerank.py tests/test_whitening.py "$@"
 echo "== sanitizers: clean"

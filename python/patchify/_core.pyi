@@ -60,11 +60,11 @@ class FlatPatchIndex:
         ...
 class IVFPQScanner:
     """
-    Fused max-over-patches ADC scanner over a faiss IndexIVFPQ's inverted lists (inner product, by_residual). Built by patchify.index.ivfpq.
+    Fused max-over-patches ADC scanner over a faiss IndexIVFPQ's or IndexIVFPQFastScan's inverted lists (inner product, by_residual). Built by patchify.index.ivfpq.
     """
-    def __init__(self, coarse_centroids: numpy.ndarray, pq_centroids: numpy.ndarray, nbits: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def __init__(self, coarse_centroids: numpy.ndarray, pq_centroids: numpy.ndarray, nbits: typing.SupportsInt | typing.SupportsIndex, packed4: bool = False) -> None:
         """
-        coarse_centroids (nlist, dim) and pq_centroids (M, 2^nbits, dim / M), float32 C-contiguous (copied)
+        coarse_centroids (nlist, dim) and pq_centroids (M, 2^nbits, dim / M), float32 C-contiguous (copied). packed4: the lists hold 4-bit codes in faiss's fast-scan blocks of 32 vectors, scanned with uint8 tables in SIMD registers (scores quantised as faiss's fast-scan search quantises them).
         """
     def coarse_probe(self, query: numpy.ndarray, nprobe: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.int64]:
         """
@@ -84,7 +84,7 @@ class IVFPQScanner:
         """
     def set_lists(self, codes: collections.abc.Sequence[numpy.ndarray], ids: collections.abc.Sequence[numpy.ndarray], images: collections.abc.Sequence[numpy.ndarray] = []) -> None:
         """
-        One uint8 code array and one int64 id array per inverted list (views of faiss's memory), and optionally each list's int32 image ids in list order (saves a map lookup per scanned code).
+        One uint8 code array (n * code_size bytes, or whole fast-scan blocks) and one int64 id array per inverted list (views of faiss's memory), and optionally each list's int32 image ids in list order (saves a map lookup per scanned code).
         """
 def hardware_threads() -> int:
     """

@@ -168,9 +168,10 @@ class IVFPQConfig:
     """Compressed search: faiss IVFPQ codes scanned by the fused C++ max-over-patches scanner.
 
     nlist: coarse lists (None: ~4 sqrt(training vectors), chosen at training time); m: PQ sub-quantisers (must
-    divide the dimension); nbits: bits per sub-quantiser code; nprobe: lists visited per query (a search-time
-    setting: change it on the index at any time); training_source: which vectors train the codebooks
-    (see patchify.training).
+    divide the dimension); nbits: bits per sub-quantiser code (4: faiss's fast-scan layout, M/2 bytes per patch
+    scanned with lookup tables in SIMD registers, m <= 256; see patchify.index.ivfpq); nprobe: lists visited per
+    query (a search-time setting: change it on the index at any time); training_source: which vectors train the
+    codebooks (see patchify.training).
 
     Two-stage search (patchify.index.rerank): rerank = "float16" or "int8" keeps a finer copy of every patch vector
     and re-scores every patch of the first stage's best `rerank_shortlist` images exactly (None: the default
@@ -198,6 +199,8 @@ class IVFPQConfig:
             raise ValueError(f"nlist must be a positive integer or None (automatic), got {self.nlist!r}")
         if not 1 <= self.nbits <= 16:
             raise ValueError(f"nbits must be in [1, 16], got {self.nbits}")
+        if self.nbits == 4 and self.m > 256:  # the fast-scan scanner sums M uint8 table entries in 16 bits
+            raise ValueError(f"m must be at most 256 with nbits=4 (the fast-scan layout), got {self.m}")
         if self.training_source not in TRAINING_SOURCES:
             raise ValueError(f"training_source must be one of {TRAINING_SOURCES}, got {self.training_source!r}")
         if self.rerank == "none":  # the spelling for "no re-rank" where None means "the default" (CLI, kwargs)

@@ -25,7 +25,7 @@ struct PyIVFPQScanner {
   std::vector<py::object> list_refs;
   py::object map_ref;
 
-  PyIVFPQScanner(const py::array& coarse, const py::array& pq, int nbits) {
+  PyIVFPQScanner(const py::array& coarse, const py::array& pq, int nbits, bool packed4) {
     if (nbits < 1 || nbits > 16) throw std::invalid_argument("nbits: expected 1 to 16, got " + std::to_string(nbits));
     const float* c = array_data<float>(coarse, "coarse_centroids", {"nlist", "dim"});
     const py::ssize_t ksub = py::ssize_t(1) << nbits;
@@ -34,7 +34,7 @@ struct PyIVFPQScanner {
     if (M * dsub != dim)
       throw std::invalid_argument("pq_centroids: expected shape (M, " + std::to_string(ksub) + ", dsub) with M * dsub = " +
                                   std::to_string(dim) + " (the coarse centroids' dimension), got " + describe(pq));
-    core = std::make_unique<patchify::IVFPQScanner>(dim, nlist, M, nbits, c, p);
+    core = std::make_unique<patchify::IVFPQScanner>(dim, nlist, M, nbits, c, p, packed4);
   }
 
   void set_lists(const std::vector<py::array>& codes, const std::vector<py::array>& ids,
@@ -51,12 +51,14 @@ struct PyIVFPQScanner {
       const std::string at = "[" + std::to_string(l) + "]";
       const int64_t* id_ptr = array_data<int64_t>(ids[l], "ids" + at, {"n"});
       const size_t n = static_cast<size_t>(ids[l].shape(0));
-      check_array(codes[l], "codes" + at, {py::dtype::of<uint8_t>()}, {"n * code_size"});
-      if (static_cast<size_t>(codes[l].shape(0)) != n * core->code_size())
+      check_array(codes[l], "codes" + at, {py::dtype::of<uint8_t>()}, {"code_bytes"});
+      const size_t expected = core->list_code_bytes(n);
+      if (static_cast<size_t>(codes[l].shape(0)) != expected)
         throw std::invalid_argument("codes" + at + ": list " + std::to_string(l) + " has " +
                                     std::to_string(codes[l].shape(0)) + " code bytes for " + std::to_string(n) +
-                                    " ids, expected " + std::to_string(n * core->code_size()) + " (code_size " +
-                                    std::to_string(core->code_size()) + ")");
+                                    " ids, expected " + std::to_string(expected) +
+                                    (core->packed4() ? " (fast-scan blocks of 32 vectors)"
+                                                     : " (code_size " + std::to_string(core->code_size()) + ")"));
       const int32_t* img_ptr = nullptr;
       if (!images.empty()) {
         img_ptr = array_data<int32_t>(images[l], "images" + at, {n});
@@ -96,14 +98,18 @@ struct PyIVFPQScanner {
 
 void bind_ivfpq(py::module_& m) {
   py::class_<PyIVFPQScanner>(m, "IVFPQScanner",
-                             "Fused max-over-patches ADC scanner over a faiss IndexIVFPQ's inverted lists "
-                             "(inner product, by_residual). Built by patchify.index.ivfpq.")
-      .def(py::init<const py::array&, const py::array&, int>(), py::arg("coarse_centroids"), py::arg("pq_centroids"),
-           py::arg("nbits"),
-           "coarse_centroids (nlist, dim) and pq_centroids (M, 2^nbits, dim / M), float32 C-contiguous (copied)")
+                             "Fused max-over-patches ADC scanner over a faiss IndexIVFPQ's "
+                             "or IndexIVFPQFastScan's inverted lists (inner product, by_residual). Built by "
+                             "patchify.index.ivfpq.")
+      .def(py::init<const py::array&, const py::array&, int, bool>(), py::arg("coarse_centroids"),
+           py::arg("pq_centroids"), py::arg("nbits"), py::arg("packed4") = false,
+           "coarse_centroids (nlist, dim) and pq_centroids (M, 2^nbits, dim / M), float32 C-contiguous (copied). "
+           "packed4: the lists hold 4-bit codes in faiss's fast-scan blocks of 32 vectors, scanned with uint8 "
+           "tables in SIMD registers (scores quantised as faiss's fast-scan search quantises them).")
       .def("set_lists", &PyIVFPQScanner::set_lists, py::arg("codes"), py::arg("ids"),
            py::arg("images") = std::vector<py::array>{},
-           "One uint8 code array and one int64 id array per inverted list (views of faiss's memory), and "
+           "One uint8 code array (n * code_size bytes, or whole fast-scan blocks) and one int64 id array per "
+           "inverted list (views of faiss's memory), and "
            "optionally each list's int32 image ids in list order (saves a map lookup per scanned code).")
       .def("set_image_map", &PyIVFPQScanner::set_image_map, py::arg("patch_to_image"), py::arg("num_images"),
            "int32 array indexed by patch id giving the image id (-1: removed); image ids are < num_images.")

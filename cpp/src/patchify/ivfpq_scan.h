@@ -12,6 +12,11 @@
 //   table[m][c] = <q_m, pq_centroid[m][c]>            (q_m = the m-th sub-vector of q)
 // so every patch score equals faiss's own search distance up to float summation order.
 //
+// Two code layouts: faiss IndexIVFPQ's (code_size bytes per vector, any nbits) and, with packed4, faiss
+// IndexIVFPQFastScan's 4-bit codes in blocks of 32 vectors (pq4_fastscan.h), scanned with uint8-quantised tables
+// in SIMD registers; the per-image max and the pruned top-k are the same for both. Fast-scan scores are the
+// quantised ones (dis0 + offset + acc / scale), as faiss's own fast-scan search returns them.
+//
 // This header knows nothing of faiss or Python: it reads faiss's inverted lists through raw pointers that the
 // caller (python/patchify/index/ivfpq.py via the bindings) extracts and keeps alive, and rebuilds after every
 // add/remove (faiss may reallocate its lists).
@@ -30,6 +35,7 @@
 
 #include "patchify/cpu_features.h"
 #include "patchify/parallel.h"
+#include "patchify/pq4_fastscan.h"
 #include "patchify/topk.h"
 
 namespace patchify {
@@ -312,15 +318,19 @@ class SmallTopImages {
 class IVFPQScanner {
  public:
   // coarse_centroids: nlist x dim; pq_centroids: M x ksub x (dim / M), ksub = 2^nbits (faiss ProductQuantizer
-  // layout). Both are copied (a few MB at most), the inverted lists are not.
+  // layout). Both are copied (a few MB at most), the inverted lists are not. packed4: the lists are faiss
+  // fast-scan blocks (nbits 4, M <= 256).
   IVFPQScanner(size_t dim, size_t nlist, size_t M, int nbits, const float* coarse_centroids,
-               const float* pq_centroids)
-      : dim_(dim), nlist_(nlist), M_(M), nbits_(nbits) {
+               const float* pq_centroids, bool packed4 = false)
+      : dim_(dim), nlist_(nlist), M_(M), nbits_(nbits), packed4_(packed4) {
     if (dim == 0 || M == 0 || dim % M != 0)
       throw std::invalid_argument("IVFPQScanner: dim (" + std::to_string(dim) + ") must be a positive multiple of M (" +
                                   std::to_string(M) + ")");
     if (nbits < 1 || nbits > 16) throw std::invalid_argument("IVFPQScanner: nbits must be in [1, 16]");
     if (nlist == 0) throw std::invalid_argument("IVFPQScanner: nlist must be positive");
+    if (packed4 && (nbits != 4 || M > kPq4MaxM))
+      throw std::invalid_argument("IVFPQScanner: the fast-scan layout takes nbits 4 and M <= 256, got nbits " +
+                                  std::to_string(nbits) + ", M " + std::to_string(M));
     dsub_ = dim / M;
     ksub_ = size_t(1) << nbits;
     code_size_ = (M * static_cast<size_t>(nbits) + 7) / 8;
@@ -338,6 +348,13 @@ class IVFPQScanner {
   size_t dim() const { return dim_; }
   size_t nlist() const { return nlist_; }
   size_t code_size() const { return code_size_; }
+  bool packed4() const { return packed4_; }
+
+  // Code bytes of a list of n vectors: n * code_size, or whole blocks of 32 in the fast-scan layout.
+  size_t list_code_bytes(size_t n) const { return packed4_ ? pq4_list_bytes(n, M_) : n * code_size_; }
+
+  // Tests only: run the portable fast-scan kernel even where AVX2 is there (the two must agree bit for bit).
+  void set_portable_kernels(bool portable) { portable_kernels_ = portable; }
 
   void set_list(size_t list_no, const uint8_t* codes, const int64_t* ids, size_t size,
                 const int32_t* images = nullptr) {
@@ -407,10 +424,25 @@ class IVFPQScanner {
     });
   }
 
+  // One query's tables: the float ADC table, and its quantised form for the fast-scan layout.
+  struct QueryTables {
+    std::vector<float> table;  // M x ksub
+    Pq4Lut lut;                // packed4 only
+  };
+
+  void prepare_tables(const float* query, QueryTables& t) const {
+    t.table.resize(M_ * ksub_);
+    compute_table(query, t.table.data());
+    if (packed4_) t.lut.quantise(t.table.data(), M_);
+  }
+
   // Calls visit(patch_id, image_id, score) for every code in the probed lists (probe ids < 0 are skipped, like faiss's
-  // padding). This is the one scoring loop, shared by search() and the test hook patch_scores().
-  template <class Visit>
-  void scan(const float* query, const int64_t* probes, size_t nprobe, const float* table, Visit&& visit) const {
+  // padding) that can score at least threshold() (a lower bound the caller raises as it goes: the fast-scan kernel
+  // skips a block's codes below it in SIMD; the caller still compares each visited score). This is the one scoring
+  // loop, shared by search() and the test hook patch_scores().
+  template <class Visit, class Threshold>
+  void scan(const float* query, const int64_t* probes, size_t nprobe, const QueryTables& tables, Visit&& visit,
+            Threshold&& threshold) const {
     for (size_t p = 0; p < nprobe; ++p) {
       const int64_t l = probes[p];
       if (l < 0) continue;
@@ -419,10 +451,17 @@ class IVFPQScanner {
       if (list.size == 0) continue;
       // faiss: dis0 = <q, reconstructed centroid>, then dis = dis0 + sum of table entries.
       const float dis0 = detail::dot(query, coarse_.data() + static_cast<size_t>(l) * dim_, dim_);
-      if (nbits_ == 8)
-        scan_list_8bit(list, table, dis0, visit);
-      else
-        scan_list_generic(list, table, dis0, visit);
+      if (packed4_) {
+        const Pq4Lut& lut = tables.lut;
+        detail::pq4_scan_list(
+            list.codes, list.size, lut, [&]() { return lut.floor_acc(dis0, threshold()); },
+            [&](size_t j, uint32_t acc) { visit(list.ids[j], image_of(list, j), lut.score(dis0, acc)); },
+            portable_kernels_);
+      } else if (nbits_ == 8) {
+        scan_list_8bit(list, tables.table.data(), dis0, visit);
+      } else {
+        scan_list_generic(list, tables.table.data(), dis0, visit);
+      }
     }
   }
 
@@ -453,7 +492,6 @@ class IVFPQScanner {
     parallel_for(0, nq, num_threads, [&](size_t qi) {
       Lease lease(*this);
       Scratch& s = *lease.scratch;
-      s.table.resize(M_ * ksub_);
       const float* q = queries + qi * dim_;
       const int64_t* query_probes = probes ? probes + qi * nprobe : nullptr;
       if (!query_probes) {
@@ -462,14 +500,17 @@ class IVFPQScanner {
         coarse_probe(q, nprobe, s.coarse.data(), s.probes.data());
         query_probes = s.probes.data();
       }
-      compute_table(q, s.table.data());
+      prepare_tables(q, s.tables);
       if (kk <= kSmallTopK) {
         detail::SmallTopImages top(kk);
-        scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
-          if (score < top.threshold()) return;
-          if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
-          top.offer(score, img, pid);
-        });
+        scan(
+            q, query_probes, nprobe, s.tables,
+            [&](int64_t pid, int32_t img, float score) {
+              if (score < top.threshold()) return;
+              if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
+              top.offer(score, img, pid);
+            },
+            [&]() { return top.threshold(); });
         write_hits(top.take_sorted(), k, out_scores + qi * k, out_images + qi * k, out_patches + qi * k);
         return;
       }
@@ -478,7 +519,7 @@ class IVFPQScanner {
       int64_t* best_patch = s.best.patch.data();
       std::vector<int32_t>& touched = s.best.touched;
       touched.clear();
-      scan(q, query_probes, nprobe, s.table.data(), [&](int64_t pid, int32_t img, float score) {
+      scan(q, query_probes, nprobe, s.tables, [&](int64_t pid, int32_t img, float score) {
         if (img < 0 || static_cast<size_t>(img) >= num_images_) return;
         float& b = best[img];
         if (b == -std::numeric_limits<float>::infinity()) {
@@ -489,7 +530,7 @@ class IVFPQScanner {
           b = score;
           best_patch[img] = pid;
         }
-      });
+      }, no_threshold);
       TopKCollector top(kk);
       for (int32_t img : touched) {
         const float sc = best[img];
@@ -504,20 +545,25 @@ class IVFPQScanner {
   // faiss's own distance for that id.
   void patch_scores(const float* query, const int64_t* probes, size_t nprobe, std::vector<int64_t>& ids,
                     std::vector<float>& scores) const {
-    std::vector<float> table(M_ * ksub_);
-    compute_table(query, table.data());
+    QueryTables tables;
+    prepare_tables(query, tables);
     ids.clear();
     scores.clear();
-    scan(query, probes, nprobe, table.data(), [&](int64_t pid, int32_t, float score) {
-      ids.push_back(pid);
-      scores.push_back(score);
-    });
+    scan(
+        query, probes, nprobe, tables,
+        [&](int64_t pid, int32_t, float score) {
+          ids.push_back(pid);
+          scores.push_back(score);
+        },
+        no_threshold);
   }
 
  private:
+  static float no_threshold() { return -std::numeric_limits<float>::infinity(); }
+
   struct Scratch {
     detail::ImageBest best;
-    std::vector<float> table;
+    QueryTables tables;
     std::vector<float> coarse;
     std::vector<int64_t> probes;
   };
@@ -603,6 +649,8 @@ class IVFPQScanner {
 
   size_t dim_, nlist_, M_;
   int nbits_;
+  bool packed4_ = false;
+  bool portable_kernels_ = false;
   size_t dsub_ = 0, ksub_ = 0, code_size_ = 0;
   std::vector<float> coarse_;
   std::vector<float> pq_t_;  // M x dsub x ksub

@@ -13,6 +13,12 @@ faiss ids are our global patch ids; a dense int32 array maps patch id -> image i
 core never links faiss: it reads faiss's inverted lists through numpy views (faiss.rev_swig_ptr) that are
 rebuilt after every add/remove, because faiss may reallocate its lists.
 
+nbits=4 stores the codes in faiss's fast-scan layout (IndexIVFPQFastScan: 4-bit codes in blocks of 32 vectors, M/2
+bytes per patch) and the scanner reads them with uint8 lookup tables held in SIMD registers (cpp/src/patchify/
+pq4_fastscan.h), still keeping the best patch per image inside the scan; first-stage scores are then quantised
+as faiss's own fast-scan search quantises them. Indexes saved with nbits=4 before the fast-scan layout existed
+hold a plain IndexIVFPQ and are still read and scanned as such (the faiss file says which layout it holds).
+
 Two stages by default (rerank="int8"): the scanner shortlists the best `shortlist(k)` images by PQ scores, then
 every patch of those images is scored from a finer copy of the vectors (patchify.index.rerank, C++ in
 cpp/src/patchify/rerank.h): the max over PQ approximations rewards the images whose quantisation errors are
@@ -76,8 +82,9 @@ class IVFPQIndex:
             parsed = IVFPQConfig.from_factory(factory)
             nlist, m, nbits = parsed.nlist, parsed.m, parsed.nbits
         # The config checks each setting's range; what depends on the dimension is checked here.
-        IVFPQConfig(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, training_source=training_source, rerank=rerank,
-                    rerank_shortlist=rerank_shortlist, rerank_storage=rerank_storage)
+        checked = IVFPQConfig(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, training_source=training_source,
+                              rerank=rerank, rerank_shortlist=rerank_shortlist, rerank_storage=rerank_storage)
+        rerank = checked.rerank  # "none" spelled out means None
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         if dim % m:
@@ -113,8 +120,8 @@ class IVFPQIndex:
     @classmethod
     def from_faiss(cls, faiss_index: Any, *, nprobe: int = IVFPQConfig.nprobe, num_threads: int = 0,
                    coarse: str = "native", rerank: str | None = IVFPQConfig.rerank) -> "IVFPQIndex":
-        """Wraps a trained, empty faiss IndexIVFPQ (inner product, by residual), e.g. one trained elsewhere. An int8
-        re-rank store learns its ranges from the first vectors added."""
+        """Wraps a trained, empty faiss IndexIVFPQ or IndexIVFPQFastScan (bbs 32; inner product, by residual), e.g.
+        one trained elsewhere. An int8 re-rank store learns its ranges from the first vectors added."""
         ivf = _checked_faiss_index(faiss_index, "faiss_index")
         if ivf.ntotal:
             raise ValueError(f"from_faiss takes an empty trained index (it holds {ivf.ntotal} vectors): patch -> "
@@ -149,6 +156,14 @@ class IVFPQIndex:
         return IVFPQConfig(nlist=self.nlist, m=self.m, nbits=self.nbits, nprobe=int(self.nprobe),
                            training_source=self.training_source, rerank=self.rerank,
                            rerank_shortlist=self.rerank_shortlist, rerank_storage=self.rerank_storage)
+
+    @property
+    def fast_scan(self) -> bool:
+        """Whether the codes are (or, untrained, will be) in faiss's 4-bit fast-scan layout: nbits=4, except an
+        index loaded from a plain faiss IndexIVFPQ with 4-bit codes (saved before this layout existed)."""
+        if self._index is not None:
+            return _is_fast_scan(self._index)
+        return self.nbits == 4
 
     @property
     def rerank(self) -> str | None:
@@ -194,11 +209,18 @@ class IVFPQIndex:
                 f"{what}{1 << self.nbits} PQ centroids), got {len(x)}; index more patches, lower nlist/nbits, "
                 "or use the flat index")
         nlist = self.nlist or auto_nlist(len(x))
-        # The factory gives an IndexIVFPQ that owns its flat inner-product quantiser; by_residual is the default.
-        index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{self.m}x{self.nbits}", faiss.METRIC_INNER_PRODUCT)
-        # Polysemous training (re-ordering PQ centroids so that Hamming distance on codes mimics the true distance)
-        # only serves faiss's polysemous filtering, which we never use, and costs minutes at 8 bits.
-        index.do_polysemous_training = False
+        if self.fast_scan:
+            # The fast-scan layout (blocks of 32, "fs" = bbs 32). faiss leaves by_residual off for inner product by
+            # default; on, as for the 8-bit index: residuals w.r.t. the coarse centroid quantise more finely, and
+            # the scanner adds <q, centroid> per list.
+            index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{self.m}x4fs", faiss.METRIC_INNER_PRODUCT)
+            index.by_residual = True
+        else:
+            # The factory gives an IndexIVFPQ that owns its flat inner-product quantiser; by_residual is the default.
+            index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{self.m}x{self.nbits}", faiss.METRIC_INNER_PRODUCT)
+            # Polysemous training (re-ordering PQ centroids so that Hamming distance on codes mimics the true
+            # distance) only serves faiss's polysemous filtering, which we never use, and costs minutes at 8 bits.
+            index.do_polysemous_training = False
         if self.train_iterations is not None:
             index.cp.niter = index.pq.cp.niter = int(self.train_iterations)
         index.train(x)
@@ -359,12 +381,23 @@ class IVFPQIndex:
         return self._index
 
     def nbytes(self) -> int:
-        """PQ codes + faiss ids (int64) + the patch -> image map (int32, indexed by patch id) + the same map in
-        inverted-list order (int32 per indexed patch, what the scanner reads)."""
+        """First stage + the re-rank store's RAM (`first_stage_nbytes`, `RerankStore.ram_bytes`)."""
+        rerank = self._rerank.ram_bytes() if self._rerank is not None else 0
+        return self.first_stage_nbytes() + rerank
+
+    def first_stage_nbytes(self) -> int:
+        """RAM of the first stage: PQ codes as stored (fast-scan: whole blocks of 32 vectors per list) + faiss ids
+        (int64) + the patch -> image map (int32, indexed by patch id) + for the byte-per-code layouts the same map
+        in inverted-list order (int32 per indexed patch, which the scanner reads for every code; the fast-scan
+        scanner looks up only the codes that pass its threshold, in the map)."""
         if self._index is None:
             return int(self._map.nbytes)
-        rerank = self._rerank.ram_bytes() if self._rerank is not None else 0
-        return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes + rerank)
+        if self.fast_scan:
+            invlists = self._index.invlists
+            codes = sum(_fast_scan_list_bytes(invlists, int(invlists.list_size(list_no)))
+                        for list_no in range(self._index.nlist))
+            return int(codes + self.ntotal * 8 + self._map.nbytes)
+        return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes)
 
     # ------------------------------------------------------------------ persistence
     def save_files(self, directory: Path) -> list[str]:
@@ -466,14 +499,14 @@ class IVFPQIndex:
         ivf = self._index
         coarse = ivf.quantizer.reconstruct_n(0, ivf.nlist)
         pq = faiss.vector_to_array(ivf.pq.centroids).reshape(ivf.pq.M, ivf.pq.ksub, ivf.pq.dsub)
-        self._scanner = _core.IVFPQScanner(coarse, pq, int(ivf.pq.nbits))
+        self._scanner = _core.IVFPQScanner(coarse, pq, int(ivf.pq.nbits), packed4=_is_fast_scan(ivf))
         self._lists_stale = True
 
     def _ready_scanner(self) -> Any:
         if self._lists_stale:
             faiss = _faiss()
             invlists = self._index.invlists
-            code_size = int(invlists.code_size)
+            fast_scan = self.fast_scan
             empty_codes, empty_ids = np.zeros(0, np.uint8), np.zeros(0, np.int64)
             empty_images = np.zeros(0, np.int32)
             codes, ids, images = [], [], []
@@ -483,12 +516,15 @@ class IVFPQIndex:
                     codes.append(empty_codes)
                     ids.append(empty_ids)
                     images.append(empty_images)
-                else:  # views of faiss's own memory (ArrayInvertedLists): nothing is copied
-                    codes.append(faiss.rev_swig_ptr(invlists.get_codes(list_no), n * code_size))
+                else:  # views of faiss's own memory (Array/BlockInvertedLists): nothing is copied
+                    n_bytes = _fast_scan_list_bytes(invlists, n) if fast_scan else n * int(invlists.code_size)
+                    codes.append(faiss.rev_swig_ptr(invlists.get_codes(list_no), n_bytes))
                     ids.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), n))
-                    # The map in list order: the scan then reads image ids sequentially (no cache miss per code).
-                    images.append(self._map[ids[-1]])
-            self._scanner.set_lists(codes, ids, images)
+                    # The map in list order: the byte-code scan then reads image ids sequentially (no cache miss
+                    # per code). The fast-scan scan looks up only the codes that pass its threshold: not kept.
+                    if not fast_scan:
+                        images.append(self._map[ids[-1]])
+            self._scanner.set_lists(codes, ids, [] if fast_scan else images)
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
@@ -519,9 +555,24 @@ def _check_list_ids(ivf: Any, patch_map: np.ndarray, path: Path) -> None:
                                "images not removed (damaged ids)")
 
 
+def _is_fast_scan(index: Any) -> bool:
+    return isinstance(index, _faiss().IndexIVFPQFastScan)
+
+
+def _fast_scan_list_bytes(invlists: Any, n: int) -> int:
+    """Bytes faiss's BlockInvertedLists holds for a list of n codes: whole blocks of 32."""
+    blocks = _faiss().downcast_InvertedLists(invlists)
+    return -(-n // int(blocks.n_per_block)) * int(blocks.block_size)
+
+
 def _checked_faiss_index(index: Any, what: str) -> Any:
     faiss = _faiss()
-    if not isinstance(index, faiss.IndexIVFPQ) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
+    fast_scan = isinstance(index, faiss.IndexIVFPQFastScan)
+    if not (isinstance(index, faiss.IndexIVFPQ) or fast_scan) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
             or not index.by_residual or not index.is_trained:
-        raise ValueError(f"{what}: expected a trained inner-product, by-residual faiss IndexIVFPQ")
+        raise ValueError(f"{what}: expected a trained inner-product, by-residual faiss IndexIVFPQ or "
+                         "IndexIVFPQFastScan")
+    if fast_scan and (int(index.bbs) != 32 or int(index.pq.nbits) != 4 or int(index.pq.M) > 256):
+        raise ValueError(f"{what}: a fast-scan index needs blocks of 32 (bbs), 4-bit codes and M <= 256; got bbs "
+                         f"{index.bbs}, nbits {index.pq.nbits}, M {index.pq.M}")
     return index
