@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 MAX_GRID: int = _core.MAX_GRID
 DEFAULT_BACKBONE = "dinov2_vits14"
 DEFAULT_LEVEL = 2  # L2: grids 1x1, 2x2, 3x3 (14 patches per image): the paper's best accuracy per byte
-DEFAULT_BATCH_SIZE = 32  # patches per backbone call (and per indexing step)
+DEFAULT_BATCH_SIZE = 32  # patches per indexing step (decoded, tiled and encoded together)
+# Patches per onnxruntime call, by provider: a ViT-S on a CPU runs fastest per patch in calls of 4-8 (1 thread, int8:
+# 44.5 ms per patch at 8 vs 59 ms at 32; fp32: 112 vs 120 ms; RESULTS.md, "Indexing cost"); a GPU wants large ones.
+BACKBONE_CALL_PATCHES = {"CPUExecutionProvider": 8, "CUDAExecutionProvider": 64}
 TRAINING_SOURCES = ("all", "given", "gt-aligned", "salient")  # see patchify.training
 RERANK_CODECS = (None, "float16", "int8")  # see patchify.index.rerank
 # How the backbone's weights run (see patchify.backbones.precision): recorded with an index, queries use the same.
@@ -41,7 +44,8 @@ DEFAULT_PRECISION = "int8"
 # every cell resized to the backbone's input size (the paper's crop mode). Queries always use the input size.
 CELL_SIZINGS = ("fit", "fixed")
 DEFAULT_CELL_SIZING = "fit"
-MIN_FIT_INPUT_SIZE = 112  # 8 x 8 tokens of a /14 ViT; measured in benchmarks/RESULTS.md ("Indexing cost")
+# 14 x 14 tokens of a /14 ViT: floors of 168 and 112 px lost 2 and 11 mAP points (RESULTS.md, "Indexing cost").
+MIN_FIT_INPUT_SIZE = 196
 # The second stage of an IVFPQ search re-scores this many times k images (at least RERANK_MIN_SHORTLIST).
 RERANK_SHORTLIST_FACTOR = 10
 RERANK_MIN_SHORTLIST = 100

@@ -268,7 +268,7 @@ class Encoder:
             return [self._encode_pixels([item], report)[0] for item in items]
         encoding = time.perf_counter()
         report.timings["tile"] += encoding - started
-        vectors = [backbone.encode(batch.pixels, batch_size=self.batch_size) for _, batch in parts]
+        vectors = [backbone.encode(batch.pixels) for _, batch in parts]  # in calls of the backbone's own size
         report.timings["encode"] += time.perf_counter() - encoding
         cache = self.embedding_cache()
         results: list[EncodedBatch | None] = []
@@ -326,7 +326,7 @@ class Encoder:
             backbone = self.backbone
             pixels = prepare_whole_images([img for _, img in images], backbone.preprocess,
                                           num_threads=self.num_threads)
-            encoded = backbone.encode(pixels, batch_size=self.batch_size)
+            encoded = backbone.encode(pixels)
             for (i, _), vector in zip(images, encoded):
                 vectors[i] = vector
         if not vectors:

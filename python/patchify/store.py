@@ -22,6 +22,11 @@ Version history (every version stays loadable; fixtures in tests/fixtures/indice
      see patchify.fusion}) and "target_index" (the IVFPQ settings of an index still held exactly, flat,
      until it has enough patches to train; else null); IVFPQ settings add the re-rank store's (rerank_codes.npy,
      rerank_sq.npy).
+  4: the layout above; the manifest's tiling adds "cell_sizing" and "min_input_size" (how cells were sized for
+     the backbone; absent = every cell at the input size), the backbone identity may carry "precision" (int8,
+     fp16; absent = fp32), and an nbits=4 IVFPQ index file holds faiss's fast-scan layout (IndexIVFPQFastScan).
+     A version 3 reader would have taken such an index for a fixed-size fp32 one, or refused its faiss file as
+     corrupt: hence a new version, which it refuses by name.
 
 Saving is atomic: everything is written into a sibling temporary folder that then replaces the target with
 renames, so a crash never leaves a half-written index where a good one was. The two renames (target -> a retired
@@ -53,8 +58,8 @@ if TYPE_CHECKING:
     from .index.base import PatchIndex
 
 FORMAT_NAME = "patchify-index"
-FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 
 MANIFEST = "manifest.json"
 IMAGES = "images.json"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import check_precision
+from ..config import BACKBONE_CALL_PATCHES, check_precision
 from ..preprocess import Preprocess
 from . import cache
 
@@ -130,7 +130,11 @@ class Backbone:
             return size == self.preprocess.input_size
         return size >= self.patch_size and size % self.patch_size == 0
 
-    def encode(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def encode(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """(N, dim) L2-normalised embeddings of (N, 3, S, S) pixels, run in calls of `batch_size` patches (None: what
+        suits the provider, config.BACKBONE_CALL_PATCHES)."""
+        if batch_size is None:
+            batch_size = BACKBONE_CALL_PATCHES.get(self.provider, 32)
         size = self.preprocess.input_size
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3] \
                 or not self.accepts_input_size(pixels.shape[2]):
