@@ -21,7 +21,8 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 mkdir -p "$out"
 python="${PYTHON:-python3}"
-export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
+# The benchmark scripts import patchify as installed, or from python/ when it holds an in-place build
+# (benchmarks/_source_tree.py): nothing to set here.
 
 if compgen -G "benchmarks/gpu/wheels/*.whl" >/dev/null; then
   "$python" -m pip install --quiet --no-index --find-links benchmarks/gpu/wheels benchmarks/gpu/wheels/*.whl \
