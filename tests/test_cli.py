@@ -34,6 +34,8 @@ def test_info_on_a_healthy_index(index_copy, capsys):
     out = capsys.readouterr().out
     assert "6 images" in out and "30 patches" in out and "present with its size" in out
     assert "whitening: learned on 96 4x4 cells of 6 images" in out
+    # The thumbnail test backbone takes one input size: its cells are fixed-size, in its own (fp32) precision.
+    assert "encoding: fp32, every cell at the backbone's input size" in out
     assert main(["info", str(index_copy), "--verify"]) == 0
     assert "sha256 match" in capsys.readouterr().out
 
@@ -162,3 +164,16 @@ def test_info_suggests_relearning_only_for_a_whitening_learned_on_fewer_indexed_
     assert main(["info", str(patches.save(tmp_path / "patches"))]) == 0
     out = capsys.readouterr().out
     assert "learned on 70 indexed patches of 5 images" in out and "relearn_whitening() learns on everything" in out
+
+
+def test_crop_mode_is_one_flag_and_the_defaults_are_the_config_s():
+    from patchify.cli import build_parser, encoding_settings
+    from patchify.config import DEFAULT_CELL_SIZING, DEFAULT_PRECISION
+
+    parser = build_parser()
+    assert encoding_settings(parser.parse_args(["index", "imgs", "--out", "idx", "--crop-mode"])) == \
+        {"precision": "fp32", "cell_sizing": "fixed"}
+    assert encoding_settings(parser.parse_args(["index", "imgs", "--out", "idx"])) == \
+        {"precision": DEFAULT_PRECISION, "cell_sizing": DEFAULT_CELL_SIZING}
+    assert encoding_settings(parser.parse_args(["eval", "bench", "--precision", "fp16", "--cell-sizing", "fixed"])) \
+        == {"precision": "fp16", "cell_sizing": "fixed"}

@@ -56,8 +56,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     else:
         engine = Patchify(backbone=args.backbone, level=args.level, index=args.index, overlap=args.overlap,
                           batch_size=args.batch_size, num_threads=args.threads, embedding_cache=args.cache or None,
-                          whitening=args.whitening, global_weight=args.global_weight, precision=args.precision,
-                          cell_sizing=args.cell_sizing, **_index_settings(args))
+                          whitening=args.whitening, global_weight=args.global_weight, **encoding_settings(args),
+                          **_index_settings(args))
     started = time.perf_counter()
     report = engine.add_images(files, progress=not args.quiet)
     for skipped in report.skipped:
@@ -107,8 +107,7 @@ def _index_sharded(args: argparse.Namespace, files: Sequence[Path]) -> int:
                                 index=args.index, whitening=args.whitening, global_weight=args.global_weight,
                                 shard_size=args.shard_size or DEFAULT_SHARD_IMAGES, sample_images=args.sample_images,
                                 batch_size=args.batch_size, num_threads=args.threads, executor=executor,
-                                progress=not args.quiet, precision=args.precision, cell_sizing=args.cell_sizing,
-                                **_index_settings(args))
+                                progress=not args.quiet, **encoding_settings(args), **_index_settings(args))
     report = built.report
     for skipped in report.skipped:
         print(f"skipped {skipped.source}: {skipped.reason}", file=sys.stderr)
@@ -303,7 +302,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     indexes = [v for v in args.index.split(",") if v]
     run = evaluate_levels(dataset, backbone=args.backbone, levels=levels, indexes=indexes,
                           index_settings=_index_settings(args), whitening=args.whitening,
-                          global_weight=args.global_weight, precision=args.precision, cell_sizing=args.cell_sizing,
+                          global_weight=args.global_weight, **encoding_settings(args),
                           embedding_cache=args.cache or True, num_threads=args.threads, progress=not args.quiet)
     print(f"\n{dataset.name}: {len(dataset.database)} database images, {dataset.n_queries} queries; "
           f"backbone {run.backbone} [{run.weights}]")
@@ -344,6 +343,13 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
                             f"(default: {DEFAULT_GLOBAL_WEIGHT} with whitening, 0 without)")
 
 
+def encoding_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """precision and cell_sizing as the options give them (--crop-mode: the paper's)."""
+    if args.crop_mode:
+        return {"precision": "fp32", "cell_sizing": "fixed"}
+    return {"precision": args.precision, "cell_sizing": args.cell_sizing}
+
+
 def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("encoding (what indexing costs; see README, 'What indexing costs')")
     group.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
@@ -351,6 +357,8 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cell-sizing", dest="cell_sizing", choices=CELL_SIZINGS, default=DEFAULT_CELL_SIZING,
                        help=f"fit: each cell encoded at about its own pixel size (at least {MIN_FIT_INPUT_SIZE} px); "
                             "fixed: every cell resized to the backbone's input size (the paper's crop mode)")
+    group.add_argument("--crop-mode", dest="crop_mode", action="store_true",
+                       help="the paper's crop mode: --precision fp32 --cell-sizing fixed (slower, see README)")
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
