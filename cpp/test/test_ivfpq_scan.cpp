@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -243,9 +244,101 @@ void test_batched_coarse_probe(size_t dim, size_t M, size_t nq) {
   CHECK(padded[nlist] == -1 && padded[nlist + 2] == -1 && padded[nlist - 1] >= 0);
 }
 
+// The one-query coarse search's float16 prefilter must pick exactly the exhaustive fp32 search's lists, in the
+// same order, with both the AVX2 and the portable approximate kernels: on random centroids, on tight clusters
+// (many centroids within the float16 error of each other, so the bound, not luck, decides), on exact duplicates
+// (ties broken by the smaller id), on centroids in the float16 subnormal range, and on dims with a scalar tail.
+// Returns the most lists any query scored exactly.
+size_t check_half_probes(const std::vector<float>& coarse, size_t dim, const std::vector<float>& queries,
+                         size_t nprobe, bool expect_prefilter) {
+  const size_t nlist = coarse.size() / dim, M = 1;
+  std::vector<float> pq(M * 256 * dim, 0.f);
+  patchify::IVFPQScanner s(dim, nlist, M, 8, coarse.data(), pq.data());
+  std::vector<float> scratch(nlist);
+  std::vector<int64_t> fast(nprobe), exact(nprobe);
+  size_t most = 0;
+  for (bool portable : {false, true}) {
+    s.set_portable_kernels(portable);
+    for (size_t qi = 0; qi * dim < queries.size(); ++qi) {
+      const float* q = queries.data() + qi * dim;
+      const size_t scored = s.coarse_probe(q, nprobe, scratch.data(), fast.data());
+      s.coarse_probe_exhaustive(q, nprobe, scratch.data(), exact.data());
+      for (size_t j = 0; j < nprobe; ++j) CHECK(fast[j] == exact[j]);
+      if (expect_prefilter && (portable || patchify::has_avx2_fma_f16c())) {
+        CHECK(scored < nlist);
+        CHECK(scored >= std::min(nprobe, nlist));
+      } else {
+        CHECK(scored == nlist);
+      }
+      most = std::max(most, scored);
+    }
+  }
+  return most;
+}
+
+void test_half_coarse_probe() {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> g;
+  auto gauss = [&](size_t n, float scale) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = g(rng) * scale;
+    return v;
+  };
+  for (size_t dim : {size_t(384), size_t(1026), size_t(13)}) {
+    const size_t nlist = 600;
+    const std::vector<float> coarse = gauss(nlist * dim, 1.f / std::sqrt(float(dim)));
+    const std::vector<float> queries = gauss(20 * dim, 1.f);
+    for (size_t nprobe : {size_t(1), size_t(16), size_t(100)}) {
+      const size_t most = check_half_probes(coarse, dim, queries, nprobe, true);
+      if (dim == 384 && nprobe == 16) CHECK(most < 64);  // random centroids: the shortlist stays short
+    }
+    // nprobe >= nlist: every list, then -1 padding (the exhaustive path).
+    check_half_probes(coarse, dim, queries, nlist + 2, false);
+  }
+  // Clusters: 8 centres, each with 50 copies moved by 1e-4 relative (below float16's 2^-11 resolution): the
+  // half copies of a cluster tie or nearly so and only the exact rescoring can order them.
+  {
+    const size_t dim = 64, centres = 8, per = 50;
+    const std::vector<float> base = gauss(centres * dim, 1.f);
+    std::vector<float> coarse;
+    for (size_t c = 0; c < centres; ++c)
+      for (size_t k = 0; k < per; ++k)
+        for (size_t i = 0; i < dim; ++i) coarse.push_back(base[c * dim + i] * (1.f + 1e-4f * g(rng)));
+    std::vector<float> queries = gauss(10 * dim, 1.f);
+    queries.insert(queries.end(), base.begin(), base.begin() + dim);  // a query on a centre
+    check_half_probes(coarse, dim, queries, 16, true);
+    check_half_probes(coarse, dim, queries, 75, true);  // the boundary inside a cluster
+  }
+  // Exact duplicates: groups of identical rows, so the nprobe boundary falls inside a tie.
+  {
+    const size_t dim = 32, distinct = 20, copies = 7;
+    const std::vector<float> base = gauss(distinct * dim, 1.f);
+    std::vector<float> coarse;
+    for (size_t k = 0; k < copies; ++k) coarse.insert(coarse.end(), base.begin(), base.end());
+    check_half_probes(coarse, dim, gauss(10 * dim, 1.f), 10, true);
+  }
+  // Float16 subnormals (|x| < 2^-14): the absolute part of the bound.
+  check_half_probes(gauss(200 * 48, 1e-6f), 48, gauss(10 * 48, 1.f), 5, true);
+  // No trustworthy float16 copy or bound: a coordinate beyond float16's range, a query with a NaN, a huge query.
+  {
+    std::vector<float> coarse = gauss(100 * 16, 1.f);
+    coarse[37] = 1e5f;
+    check_half_probes(coarse, 16, gauss(4 * 16, 1.f), 5, false);
+    std::vector<float> q = gauss(16, 1.f);
+    q[3] = std::numeric_limits<float>::quiet_NaN();
+    patchify::IVFPQScanner s(16, 100, 1, 8, gauss(100 * 16, 1.f).data(), std::vector<float>(256 * 16).data());
+    std::vector<float> scratch(100);
+    std::vector<int64_t> probes(5);
+    CHECK(s.coarse_probe(q.data(), 5, scratch.data(), probes.data()) == 100);
+    q[3] = 1e37f;  // |q| |c| beyond the no-overflow margin
+    CHECK(s.coarse_probe(q.data(), 5, scratch.data(), probes.data()) == 100);
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_half_coarse_probe();
   test_batched_coarse_probe(1024, 8, 40);
   test_batched_coarse_probe(1026, 6, 39);
   test_scores_and_ranking(8);
