@@ -83,7 +83,7 @@ def index_once(backbone: Any, paths: list[Path], level: int, mode: str, threads:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "images": report.n_images,
             "images_per_cpu_s": report.n_images / cpu_seconds, "patches": report.n_patches,
             "images_per_s": report.n_images / seconds, "patches_per_s": report.n_patches / seconds,
-            "encode_s": report.timings["encode"], "tile_s": report.timings["tile"],
+            "encode_s": report.timings["encode"], "tile_s": report.timings["tile"] + report.timings["tile_cpu"],
             "index_bytes": engine.index.nbytes() if engine.index is not None else 0}
 
 

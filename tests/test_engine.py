@@ -55,6 +55,7 @@ def test_add_report_times_each_stage(thumbnail_backbone, photos):
     assert set(stages) <= set(report.timings) and "decode_cpu" in report.timings
     assert all(report.timings[name] >= 0.0 for name in report.timings)
     assert report.timings["decode_cpu"] > 0.0 and report.timings["encode"] > 0.0 and report.timings["index"] > 0.0
+    assert report.timings["tile_cpu"] > 0.0  # tiled by the workers, ahead of the encoder
     # Main-thread wall-clock stages cannot add up to more than the whole call (slack for timer granularity).
     assert sum(report.timings[name] for name in stages) <= report.seconds + 1e-3
 

@@ -191,7 +191,7 @@ class Encoder:
             for loaded, tiled, decode_seconds, tile_seconds in _prefetch(pool, self._prepare_chunk, chunks, ahead=2):
                 report.timings["decode"] += time.perf_counter() - waited
                 report.timings["decode_cpu"] += decode_seconds
-                report.timings["tile"] += tile_seconds
+                report.timings["tile_cpu"] += tile_seconds
                 fresh = [item for item in loaded if isinstance(item, tuple)]
                 encoded = iter(self._encode_pixels(fresh, report, tiled))
                 batch: list[EncodedBatch] = []

@@ -171,8 +171,10 @@ class AddReport:
 
     `timings` says where the `seconds` went, in seconds per stage. "decode", "tile", "encode" and "index" are
     wall-clock time of the calling thread, so they add up to at most `seconds`; "decode" is the time it *waited*
-    for decoded images (decoding runs in worker threads, overlapped with encoding). "decode_cpu" is the decode
-    time summed over the worker threads (cache look-ups included): it can exceed the wait, and `seconds`.
+    for decoded and tiled images (decoding and tiling run in worker threads, overlapped with encoding; "tile" is
+    what the calling thread tiled itself: images a worker could not tile together, retried one by one).
+    "decode_cpu" and "tile_cpu" are the decode (cache look-ups included) and tile times summed over the worker
+    threads: they can exceed the wait, and `seconds`.
 
     `notes`: what happened to the index itself during this add, in words: the whitening learned, an IVFPQ index
     trained, or still searched exactly because it has too few patches to train."""
@@ -183,7 +185,8 @@ class AddReport:
     seconds: float = 0.0
     from_cache: int = 0
     timings: dict[str, float] = field(
-        default_factory=lambda: {"decode": 0.0, "decode_cpu": 0.0, "tile": 0.0, "encode": 0.0, "index": 0.0})
+        default_factory=lambda: {"decode": 0.0, "decode_cpu": 0.0, "tile": 0.0, "tile_cpu": 0.0, "encode": 0.0,
+                                 "index": 0.0})
     notes: list[str] = field(default_factory=list)
 
     @property
