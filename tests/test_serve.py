@@ -343,3 +343,32 @@ def test_cli_serve_refuses_a_missing_index(tmp_path: Path, capsys: pytest.Captur
 
     assert main(["serve", str(tmp_path / "nothing")]) == 2
     assert "index folder not found" in capsys.readouterr().err
+
+
+def test_a_sharded_index_is_served_read_only(tmp_path: Path, index_dir: Path) -> None:
+    # `patchify serve` on a sharded index (issue "Scale out on Ray"): searched like the one index of the same images
+    # (the merge is exact), image files and sizes by global id, adds and removes refused with 405.
+    from patchify.distributed import build_sharded_index
+
+    photos = sorted(PHOTOS.glob("*"))
+    sharded = tmp_path / "sharded"
+    build_sharded_index([str(p) for p in photos], sharded, backbone=ThumbnailBackbone, level=2, shard_size=7)
+    single = Patchify.load(index_dir, backbone=ThumbnailBackbone())
+    with ThumbnailServer(sharded) as server:
+        info = httpx.get(f"{server.url}/api/info").json()
+        assert info["read_only"] and info["n_shards"] == 3 and info["n_images"] == len(photos)
+        vectors = np.random.default_rng(1).standard_normal((2, 192)).astype(np.float32)
+        response = httpx.post(f"{server.url}/api/search/vector", json={"vectors": vectors.tolist(), "k": 5})
+        assert response.status_code == 200, response.text
+        for got, want in zip(response.json()["results"], single.search_batch(vectors, k=5)):
+            assert [h["id"] for h in got] == [h.image_id for h in want]
+            np.testing.assert_allclose([h["score"] for h in got], [h.score for h in want], rtol=1e-5)
+        last = len(photos) - 1  # in the last shard: its global id is its shard's offset + its own
+        hit = response.json()["results"][0][0]
+        assert (hit["width"], hit["height"]) == (single.images[hit["id"]].width, single.images[hit["id"]].height)
+        image = httpx.get(f"{server.url}/api/images/{last}")
+        assert image.status_code == 200 and image.content == photos[last].read_bytes()
+        added = httpx.post(f"{server.url}/api/images", files=[("images", ("a.jpg", photos[0].read_bytes()))])
+        assert added.status_code == 405 and "read-only" in added.json()["detail"]
+        assert httpx.delete(f"{server.url}/api/images/0").status_code == 405
+        assert httpx.get(f"{server.url}/api/health").json()["images"] == len(photos)

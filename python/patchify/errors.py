@@ -37,3 +37,7 @@ class BackboneMismatchError(PatchifyError, ValueError):
 
 class WeightsUnavailableError(PatchifyError, RuntimeError):
     """A backbone's weights cannot be found offline. The message lists the ways to get them."""
+
+
+class ReadOnlyIndexError(PatchifyError):
+    """A change (add, remove) asked of an index that cannot take one, e.g. a sharded index (rebuilt, not edited)."""

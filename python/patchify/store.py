@@ -378,5 +378,13 @@ def _load_index(directory: Path, config: IndexConfig, dim: int, patch_image: np.
     return IVFPQIndex.load_files(directory, config, dim, patch_image, n_images, num_threads=num_threads)
 
 
+def load_image_records(directory: str | os.PathLike) -> list[ImageRecord]:
+    """The image records of a saved index (images.json, checked against the manifest's count), without loading
+    its vectors: e.g. to name and size the images of a sharded index's shards."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    return _load_images(directory / IMAGES, int(manifest["n_images"]))
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -18,6 +18,7 @@ are searched in parallel on several.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from ..engine import Patchify
 from ..index.base import check_k, result_width
 from ..index.ivfpq import shortlist_size
 from ..query_front import QueryFront
-from ..records import Hit
+from .. import store
+from ..records import Hit, ImageRecord
 from . import layout
 
 if TYPE_CHECKING:
@@ -160,6 +162,7 @@ class ShardedIndex(QueryFront):
         self._shards = shards
         self._encoder = encoder
         self._config = index_config_from_dict({k: v for k, v in manifest["index"].items() if k != "dim"})
+        self._images: list[ImageRecord] | None = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, backbone: "str | Backbone | None" = None,
@@ -226,6 +229,21 @@ class ShardedIndex(QueryFront):
     @property
     def index_config(self) -> "IndexConfig":
         return self._config
+
+    @property
+    def images(self) -> "list[ImageRecord]":
+        """Every image's record by global id (read from the shards' images.json on first use, ids made global), as
+        `Patchify.images`."""
+        if self._images is None:
+            records: list[ImageRecord] = []
+            for shard in self._manifest["shards"]:
+                if not shard["n_images"]:
+                    continue
+                first = int(shard["first_image_id"])
+                for record in store.load_image_records(self._directory / shard["path"]):
+                    records.append(dataclasses.replace(record, id=first + record.id))
+            self._images = records
+        return self._images
 
     @property
     def input_dim(self) -> int:

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel
 
-from ..errors import ImageError, PatchifyError
+from ..errors import ImageError, PatchifyError, ReadOnlyIndexError
 from ..records import Hit
 from .state import ServedIndex, Upload
 
@@ -71,7 +71,7 @@ def create_app(served: ServedIndex) -> FastAPI:
             raise HTTPException(422, f"send 1 to {config.max_files} image files, got {len(files)}")
 
     def hit_json(hit: Hit) -> dict[str, Any]:
-        record = engine.images[hit.image_id]
+        record = served.images[hit.image_id]
         return {"rank": hit.rank, "id": hit.image_id, "name": hit.path, "score": hit.score, "box": list(hit.box),
                 "level": hit.level, "grid": hit.grid, "cell": hit.cell, "patch_id": hit.patch_id,
                 "width": record.width, "height": record.height, "url": f"/api/images/{hit.image_id}"}
@@ -80,6 +80,10 @@ def create_app(served: ServedIndex) -> FastAPI:
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
         status = 413 if exc.reason.startswith("too large") else 422
         return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.exception_handler(ReadOnlyIndexError)
+    async def read_only(request: Request, exc: ReadOnlyIndexError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=405)
 
     @app.exception_handler(PatchifyError)
     async def patchify_error(request: Request, exc: PatchifyError) -> JSONResponse:

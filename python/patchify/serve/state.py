@@ -35,12 +35,13 @@ from .. import store
 from ..config import ServeConfig
 from ..encoder import EncodedBatch
 from ..engine import Patchify
-from ..errors import ImageError
+from ..errors import ImageError, ReadOnlyIndexError
 from ..images import decode_bytes
 from ..records import AddReport, Hit, ImageRecord, NewImage, SkippedImage
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
+    from ..distributed import ShardedIndex
 
 # The file suffix an uploaded image is stored under, by Pillow's format name (so the browser is told its type).
 _SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
@@ -117,10 +118,12 @@ class _Staged:
 class ServedIndex:
     """A saved index opened for serving: searches, adds and removes that persist to its folder atomically."""
 
-    def __init__(self, directory: str | os.PathLike, engine: Patchify, config: ServeConfig) -> None:
+    def __init__(self, directory: str | os.PathLike, engine: "Patchify | ShardedIndex", config: ServeConfig) -> None:
         self.directory = Path(directory)
         self.config = config
         self._engine = engine
+        # A sharded index (patchify.distributed) is searched like an engine but read-only: adds and removes refused.
+        self.read_only = not isinstance(engine, Patchify)
         self._lock = ReadWriteLock()
         self._writer = threading.Lock()  # one add or remove (engine change + save) at a time
 
@@ -131,6 +134,14 @@ class ServedIndex:
         backbone now (not on the first request, where two requests would race to load it) and deletes image files
         that a crash left behind unrecorded."""
         directory = Path(directory)
+        from ..distributed.layout import is_sharded_index
+
+        if is_sharded_index(directory):  # shards searched in this process; built by `patchify index --ray/--shard-size`
+            from ..distributed import ShardedIndex
+
+            sharded = ShardedIndex.load(directory, backbone=backbone)
+            _ = sharded.backbone
+            return cls(directory, sharded, config or ServeConfig())
         store.recover_interrupted_save(directory)
         engine = Patchify.load(directory, backbone=backbone)
         _ = engine.backbone
@@ -139,8 +150,13 @@ class ServedIndex:
         return served
 
     @property
-    def engine(self) -> Patchify:
+    def engine(self) -> "Patchify | ShardedIndex":
         return self._engine
+
+    @property
+    def images(self) -> Sequence[ImageRecord]:
+        """Every image's record by id (removed ones included, flagged)."""
+        return self._engine.images
 
     # ------------------------------------------------------------------ reading
     def decode(self, upload: Upload) -> np.ndarray:
@@ -160,14 +176,17 @@ class ServedIndex:
     def info(self) -> dict[str, Any]:
         with self._lock.reading():
             engine = self._engine
-            return {"n_images": engine.n_images, "n_patches": engine.n_patches,
-                    "n_records": len(engine.images), "index_config": engine.index_config.to_dict(),
-                    "dim": engine.input_dim, "whitened": engine.whitening is not None,
-                    "global_weight": engine.effective_global_weight}
+            common = {"n_images": engine.n_images, "n_patches": engine.n_patches, "n_records": len(engine.images),
+                      "index_config": engine.index_config.to_dict(), "dim": engine.input_dim,
+                      "read_only": self.read_only}
+            if isinstance(engine, Patchify):
+                return {**common, "whitened": engine.whitening is not None,
+                        "global_weight": engine.effective_global_weight}
+            return {**common, "n_shards": engine.n_shards}
 
     def record(self, image_id: int) -> ImageRecord | None:
         """The image's record, None if no such image (or removed)."""
-        images = self._engine.images
+        images = self.images
         if not 0 <= image_id < len(images) or images[image_id].removed:
             return None
         return images[image_id]
@@ -184,8 +203,15 @@ class ServedIndex:
         return path if path.is_file() else None
 
     # ------------------------------------------------------------------ writing
+    def _writable(self) -> Patchify:
+        if not isinstance(self._engine, Patchify):
+            raise ReadOnlyIndexError(f"{self.directory} is a sharded index: read-only (build it again with the new "
+                                     "images to add them)")
+        return self._engine
+
     def add(self, uploads: Sequence[Upload]) -> AddResult:
         """Adds the uploads that decode and tile; skips (and reports) the others. Persisted before it returns."""
+        engine = self._writable()
         started = time.perf_counter()
         result = AddResult()
         staged = [item for item in (self._encode(upload, result) for upload in uploads) if item is not None]
@@ -195,8 +221,8 @@ class ServedIndex:
                 for item in staged:
                     self._store_file(item)
                 with self._lock.writing():
-                    ids = self._engine.add_embeddings(batch.vectors, batch.patches, batch.images)
-                self._engine.save(self.directory)
+                    ids = engine.add_embeddings(batch.vectors, batch.patches, batch.images)
+                engine.save(self.directory)
             result.images = [{"id": image_id, "name": item.stored_name, "filename": item.upload.filename}
                              for image_id, item in zip(ids, staged)]
             result.n_patches = len(batch.vectors)
@@ -205,10 +231,11 @@ class ServedIndex:
 
     def remove(self, image_ids: Sequence[int]) -> int:
         """Removes images by id (ValueError naming unknown ones); returns the patches removed. Persisted."""
+        engine = self._writable()
         with self._writer:
             with self._lock.writing():
-                removed = self._engine.remove_images(image_ids)
-            self._engine.save(self.directory)
+                removed = engine.remove_images(image_ids)
+            engine.save(self.directory)
         return removed
 
     def _encode(self, upload: Upload, result: AddResult) -> _Staged | None:
@@ -219,7 +246,7 @@ class ServedIndex:
             result.skipped.append(SkippedImage(name, exc.reason))
             return None
         report = AddReport()
-        batches = list(self._engine.encoder.encode_images([pixels], report))
+        batches = list(self._writable().encoder.encode_images([pixels], report))
         if not batches:  # the tiler refused it (e.g. smaller than the finest grid)
             reason = report.skipped[0].reason if report.skipped else "could not be encoded"
             result.skipped.append(SkippedImage(name, reason))
@@ -246,7 +273,7 @@ class ServedIndex:
         folder = self.directory / store.OWNED_IMAGES
         if not folder.is_dir():
             return
-        recorded = {Path(image.name).name for image in self._engine.images
+        recorded = {Path(image.name).name for image in self.images
                     if Path(image.name).parts[:1] == (store.OWNED_IMAGES,)}
         for path in folder.iterdir():
             if path.is_file() and path.name not in recorded:
