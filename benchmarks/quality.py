@@ -236,28 +236,10 @@ def main() -> int:
     encoder = sets_module.Encoder("dinov2_vits14", args.threads, args.precision, args.cell_sizing,
                                   args.min_input_size)
     print(f"encoding: {encoder.mode}", flush=True)
-    sets: dict[str, Any] = {}
-    for name in args.sets.split(","):
-        if name == "crops":
-            sets[name] = sets_module.encode_crops(encoder, args.photos, 3, 0, print, args.max_level)
-        elif name == "grocery":
-            from patchify.datasets import load_grocery
-
-            dataset = load_grocery(args.grocery, args.grocery_splits.split(","))
-            if args.grocery_every > 1:
-                dataset = dataset.subsample(args.grocery_every)
-            sets[name] = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, args.max_level)
-        elif name == "composite":
-            from patchify.datasets import build_composite_benchmark, load_composite
-
-            n_obj, n_pos, n_dist = (int(v) for v in args.composite.split(","))
-            folder = ROOT / "benchmarks" / "cache" / f"composite_{n_obj}x{n_pos}x{n_dist}_seed0"
-            dataset = (load_composite(folder) if (folder / "groundtruth.json").is_file() else
-                       build_composite_benchmark(folder, n_objects=n_obj, positives_per_object=n_pos,
-                                                 n_distractors=n_dist, seed=0))
-            sets[name] = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, args.max_level)
-        else:
-            raise SystemExit(f"unknown set {name!r}")
+    sets = sets_module.encode_sets(encoder, args.sets.split(","), grocery=args.grocery,
+                                   grocery_splits=args.grocery_splits.split(","), photos=args.photos,
+                                   composite=args.composite, grocery_every=args.grocery_every,
+                                   max_level=args.max_level)
     if args.dump_vectors:
         args.dump_vectors.mkdir(parents=True, exist_ok=True)
         np.save(args.dump_vectors / "patches.npy", np.concatenate([d.vectors for d in sets.values()]))

@@ -65,13 +65,13 @@ class SaliencyHead:
         return out.astype(np.float32)
 
 
-def saliency_selection(data, paths: list[Path], head: SaliencyHead, fraction: float, level: int) -> np.ndarray:
+def saliency_selection(data, head: SaliencyHead, fraction: float, level: int) -> np.ndarray:
     """Boolean mask over the set's patches of `level`: each image's whole-image patch and its most salient cells."""
     from patchify import load_rgb
 
     keep = data.grid <= level + 1
     mask = np.zeros(len(data.vectors), bool)
-    for i, path in enumerate(paths):
+    for i, path in enumerate(data.database):
         pixels = load_rgb(path)
         h, w = pixels.shape[:2]
         saliency = head(pixels)
@@ -101,20 +101,16 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from patchify.datasets import load_composite, load_grocery
     from patchify.training import SALIENT_FRACTION
 
     encoder = sets_module.Encoder("dinov2_vits14", args.threads)
     head = SaliencyHead(args.threads)
     results: dict[str, dict[str, dict]] = {}
-    for name in args.sets.split(","):
-        if name == "grocery":
-            dataset = load_grocery(args.grocery, args.grocery_splits.split(","))
-        else:
-            n_obj, n_pos, n_dist = (int(v) for v in args.composite.split(","))
-            dataset = load_composite(ROOT / "benchmarks" / "cache" / f"composite_{n_obj}x{n_pos}x{n_dist}_seed0")
-        data = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, 3)
-        mask = saliency_selection(data, dataset.database, head, args.fraction, args.level)
+    sets = sets_module.encode_sets(encoder, args.sets.split(","), grocery=args.grocery,
+                                   grocery_splits=args.grocery_splits.split(","), photos=ROOT / "data" / "photos",
+                                   composite=args.composite)
+    for name, data in sets.items():
+        mask = saliency_selection(data, head, args.fraction, args.level)
         picked = data.vectors[mask]
         head_setting = quality.Setting(f"IVFPQ one stage, saliency-head (fraction {args.fraction})",
                                        {**_PQ, "training_source": "given", "training_vectors": picked})

@@ -34,12 +34,12 @@ import quality  # noqa: E402  (the sets, the engine runs)
 sets_module = quality.sets_module
 
 
-def grey_std(paths: list[Path], data) -> np.ndarray:
-    """Grey-level standard deviation of every patch's box in its image."""
+def grey_std(data) -> np.ndarray:
+    """Grey-level standard deviation of every patch's box in its image (read from the set's database files)."""
     from patchify import load_rgb
 
     out = np.zeros(len(data.vectors), np.float32)
-    for i, path in enumerate(paths):
+    for i, path in enumerate(data.database):
         rows = np.flatnonzero(data.image == i)
         grey = load_rgb(path).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         for r in rows:
@@ -93,25 +93,11 @@ def main() -> int:
     encoder = sets_module.Encoder("dinov2_vits14", 1)
     setting = quality.DEFAULT_ONLY[0]
     results: dict[str, list[dict]] = {}
-    for name in args.sets.split(","):
-        from patchify.datasets import load_composite, load_grocery
-        from patchify.images import list_image_files
-
-        if name == "crops":
-            data = sets_module.encode_crops(encoder, args.photos, 3, 0, lambda _: None, 3)
-            paths = list_image_files(args.photos)
-        elif name == "grocery":
-            dataset = load_grocery(args.grocery, args.grocery_splits.split(","))
-            if args.grocery_every > 1:
-                dataset = dataset.subsample(args.grocery_every)
-            data = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, 3)
-            paths = dataset.database
-        else:
-            n_obj, n_pos, n_dist = (int(v) for v in args.composite.split(","))
-            dataset = load_composite(ROOT / "benchmarks" / "cache" / f"composite_{n_obj}x{n_pos}x{n_dist}_seed0")
-            data = sets_module.encode_retrieval_set(encoder, name, dataset, lambda _: None, 3)
-            paths = dataset.database
-        std, cosine = grey_std(paths, data), parent_cosine(data)
+    sets = sets_module.encode_sets(encoder, args.sets.split(","), grocery=args.grocery,
+                                   grocery_splits=args.grocery_splits.split(","), photos=args.photos,
+                                   composite=args.composite, grocery_every=args.grocery_every)
+    for name, data in sets.items():
+        std, cosine = grey_std(data), parent_cosine(data)
         cells = data.grid > 1
         rows = [("all cells", np.ones(len(data.vectors), bool))]
         rows += [(f"flat: grey std < {t:g}", ~(cells & (std < t))) for t in map(float, args.flat.split(","))]

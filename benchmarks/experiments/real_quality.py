@@ -32,7 +32,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -166,6 +166,7 @@ class EncodedSet:
     gt_boxes: list[dict[int, list]]  # per query: database index -> boxes (empty: no boxes)
     n_images: int
     note: str = ""
+    database: list[Path] = field(default_factory=list)  # the database images' files, in index order
 
 
 def _encode_database(enc: Encoder, paths: Sequence[Path], log: Callable[[str], None], label: str,
@@ -203,7 +204,7 @@ def encode_retrieval_set(enc: Encoder, name: str, dataset, log, max_level: int =
     vectors, image, grid, boxes = _encode_database(enc, dataset.database, log, name, max_level)
     gt = [{int(i): [tuple(b) for b in bx] for i, bx in d.items()} for d in dataset.boxes]
     return EncodedSet(name, vectors, image, grid, boxes, queries, [list(p) for p in dataset.positives], gt,
-                      len(dataset.database))
+                      len(dataset.database), database=[Path(p) for p in dataset.database])
 
 
 def encode_crops(enc: Encoder, photos_dir: Path, per_photo: int, seed: int, log, max_level: int = MAX_LEVEL
@@ -221,7 +222,36 @@ def encode_crops(enc: Encoder, photos_dir: Path, per_photo: int, seed: int, log,
     positives = [[source] for _, source, _ in crops]
     gt = [{source: [box]} for _, source, box in crops]
     return EncodedSet("crops", vectors, image, grid, boxes, queries, positives, gt, len(photos),
-                      note="the crop's box in its source photo is its ground truth")
+                      note="the crop's box in its source photo is its ground truth", database=list(photos))
+
+
+def encode_sets(enc: Encoder, names: Sequence[str], *, grocery: Path, grocery_splits: Sequence[str], photos: Path,
+                composite: str = "20,4,60", grocery_every: int = 1, crops_per_photo: int = 3, seed: int = 0,
+                max_level: int = MAX_LEVEL, log: Callable[[str], None] = lambda _: None) -> dict[str, EncodedSet]:
+    """The named sets ("crops", "grocery", "composite"), encoded (or read from the cache) in that order: what every
+    benchmark over real photos evaluates. grocery_every > 1 keeps every n-th grocery database photo; composite is
+    OBJECTS,POSITIVES,DISTRACTORS of a composite benchmark built once under benchmarks/cache."""
+    from patchify.datasets import build_composite_benchmark, load_composite, load_grocery
+
+    sets: dict[str, EncodedSet] = {}
+    for name in names:
+        if name == "crops":
+            sets[name] = encode_crops(enc, photos, crops_per_photo, seed, log, max_level)
+        elif name == "grocery":
+            dataset = load_grocery(grocery, list(grocery_splits))
+            if grocery_every > 1:
+                dataset = dataset.subsample(grocery_every)
+            sets[name] = encode_retrieval_set(enc, name, dataset, log, max_level)
+        elif name == "composite":
+            n_obj, n_pos, n_dist = (int(v) for v in composite.split(","))
+            folder = ROOT / "benchmarks" / "cache" / f"composite_{n_obj}x{n_pos}x{n_dist}_seed{seed}"
+            dataset = (load_composite(folder) if (folder / "groundtruth.json").is_file() else
+                       build_composite_benchmark(folder, n_objects=n_obj, positives_per_object=n_pos,
+                                                 n_distractors=n_dist, seed=seed))
+            sets[name] = encode_retrieval_set(enc, name, dataset, log, max_level)
+        else:
+            raise SystemExit(f"unknown set {name!r} (crops, grocery, composite)")
+    return sets
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -479,28 +509,9 @@ def main() -> int:
 
     enc = Encoder(args.backbone, args.threads)
     log(f"backbone {enc.backbone.name} [{enc.backbone.weights}] on {enc.backbone.provider}, {args.threads} thread(s)")
-    sets: dict[str, EncodedSet] = {}
-    for name in args.sets.split(","):
-        if name == "crops":
-            sets[name] = encode_crops(enc, args.photos, args.crops_per_photo, args.seed, log, args.max_level)
-        elif name == "grocery":
-            from patchify.datasets import load_grocery
-
-            ds = load_grocery(args.grocery, args.grocery_splits.split(","))
-            sets[name] = encode_retrieval_set(enc, name, ds, log, args.max_level)
-        elif name == "composite":
-            from patchify.datasets import build_composite_benchmark, load_composite
-
-            n_obj, n_pos, n_dist = (int(v) for v in args.composite.split(","))
-            folder = ROOT / "benchmarks" / "cache" / f"composite_{n_obj}x{n_pos}x{n_dist}_seed{args.seed}"
-            if (folder / "groundtruth.json").is_file():
-                ds = load_composite(folder)
-            else:
-                ds = build_composite_benchmark(folder, n_objects=n_obj, positives_per_object=n_pos,
-                                               n_distractors=n_dist, seed=args.seed)
-            sets[name] = encode_retrieval_set(enc, name, ds, log, args.max_level)
-        else:
-            raise SystemExit(f"unknown set {name!r}")
+    sets = encode_sets(enc, args.sets.split(","), grocery=args.grocery, grocery_splits=args.grocery_splits.split(","),
+                       photos=args.photos, composite=args.composite, crops_per_photo=args.crops_per_photo,
+                       seed=args.seed, max_level=args.max_level, log=log)
     log(f"encoded {enc.encoded_patches} new patches/queries in {enc.seconds:.0f} s")
     if args.encode_only:
         return 0
