@@ -80,3 +80,15 @@ class ResizableThumbnailBackbone(ThumbnailBackbone):
 @pytest.fixture
 def thumbnail_backbone() -> ThumbnailBackbone:
     return ThumbnailBackbone()
+
+
+def clustered_patches(n_images: int, seed: int, *, dim: int, per_image: int, themes: int, spread: float,
+                      first_image: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit patch vectors of synthetic images, with their image ids: each image's patches scatter (`spread`) around
+    the image's own centre, images around a few shared themes, so that compressed indexes face near neighbours."""
+    rng = np.random.default_rng(seed)
+    theme = rng.standard_normal((themes, dim))
+    centres = theme[rng.integers(0, len(theme), n_images)] + 0.7 * rng.standard_normal((n_images, dim))
+    x = np.repeat(centres, per_image, axis=0) + spread * rng.standard_normal((n_images * per_image, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x, np.repeat(np.arange(first_image, first_image + n_images), per_image).astype(np.int64)

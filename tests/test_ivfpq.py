@@ -9,6 +9,7 @@ import re
 import numpy as np
 from PIL import Image
 import pytest
+from conftest import clustered_patches
 
 from patchify import _core
 from patchify.errors import CoreError
@@ -21,13 +22,8 @@ PATCHES_PER_IMAGE = 7
 
 
 def clustered(n_images: int, seed: int, first_image: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Patches of one image scatter around the image's own centre, images around a few shared themes."""
-    rng = np.random.default_rng(seed)
-    themes = rng.standard_normal((40, DIM))
-    centres = themes[rng.integers(0, len(themes), n_images)] + 0.7 * rng.standard_normal((n_images, DIM))
-    x = np.repeat(centres, PATCHES_PER_IMAGE, axis=0) + 0.6 * rng.standard_normal((n_images * PATCHES_PER_IMAGE, DIM))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    return x, np.repeat(np.arange(first_image, first_image + n_images), PATCHES_PER_IMAGE).astype(np.int64)
+    return clustered_patches(n_images, seed, dim=DIM, per_image=PATCHES_PER_IMAGE, themes=40, spread=0.6,
+                             first_image=first_image)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import clustered_patches
 
 from patchify.config import IVFPQConfig
 from patchify.index.ivfpq import IVFPQIndex
@@ -18,12 +19,8 @@ PER_IMAGE = 6
 
 
 def clustered(n_images: int, seed: int, first_image: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    themes = rng.standard_normal((30, DIM))
-    centres = themes[rng.integers(0, len(themes), n_images)] + 0.7 * rng.standard_normal((n_images, DIM))
-    x = np.repeat(centres, PER_IMAGE, axis=0) + 0.5 * rng.standard_normal((n_images * PER_IMAGE, DIM))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    return x, np.repeat(np.arange(first_image, first_image + n_images), PER_IMAGE).astype(np.int64)
+    return clustered_patches(n_images, seed, dim=DIM, per_image=PER_IMAGE, themes=30, spread=0.5,
+                             first_image=first_image)
 
 
 @pytest.fixture(scope="module")
