@@ -282,8 +282,9 @@ def main() -> int:
             print(f"{name} L{lv}: " + "; ".join(f"{a} vs {b} {paired_line(r[a][lv]['ap'], r[b][lv]['ap'])}"
                                                 for a, b in pairs if a in r and b in r))
     if args.compare:
-        before = json.loads(args.compare.read_text())["results"]
-        print(f"\nThis run - {args.compare} ({json.loads(args.compare.read_text())['encoding']}), per-query AP:")
+        earlier = json.loads(args.compare.read_text())
+        before = earlier["results"]
+        print(f"\nThis run - {args.compare} ({earlier['encoding']}), per-query AP:")
         for name in results:
             for setting, by_level in results[name].items():
                 for lv, r in by_level.items():
