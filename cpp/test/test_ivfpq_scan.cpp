@@ -215,10 +215,12 @@ void test_huge_k_is_bounded_by_images() {
   CHECK(w_i[0] == 42);
 }
 
-// The batched native coarse search (centroids walked in L2-sized chunks, queries in blocks) must pick exactly
-// the lists the one-query search picks: sizes chosen so that both the centroid chunks (dim 1024 -> 48 rows per
-// chunk) and the query blocks (16) split, with a partial last chunk and block; dim 1026 adds a scalar tail
-// (1026 % 8 = 2), chunks of 47 rows (odd: a leftover row per kernel pass) and 39 queries (a leftover trio).
+// The batched native coarse search (centroids walked in cache-sized chunks, queries in blocks) must pick exactly
+// the lists the one-query and the exhaustive searches pick, through the int8 prefilter (AVX2 and portable) and the
+// fp32 path: sizes chosen so that both the centroid chunks (dim 1024 -> 48 fp32 / 32 int8 rows per chunk) and the
+// query blocks (16) split, with a partial last chunk and block; dim 1026 adds a scalar tail (1026 % 8 = 2,
+// % 16 = 2), chunks of 47 rows (odd: a leftover row per kernel pass) and 39 queries (a leftover trio). Query 5
+// is zero (no int8 bound: the fp32 path inside an int8 block, shifting the four-query groups after it).
 void test_batched_coarse_probe(size_t dim, size_t M, size_t nq) {
   const size_t nlist = 100, nprobe = 7;
   std::mt19937 rng(9);
@@ -227,29 +229,103 @@ void test_batched_coarse_probe(size_t dim, size_t M, size_t nq) {
   for (auto& x : coarse) x = g(rng);
   for (auto& x : pq) x = g(rng);
   for (auto& x : q) x = g(rng);
+  std::fill(q.begin() + 5 * dim, q.begin() + 6 * dim, 0.f);
   patchify::IVFPQScanner s(dim, nlist, M, 8, coarse.data(), pq.data());
-  for (int threads : {1, 2}) {
-    std::vector<int64_t> batch(nq * nprobe);
-    s.coarse_probe_batch(q.data(), nq, nprobe, threads, batch.data());
-    std::vector<float> scratch(nlist);
-    std::vector<int64_t> one(nprobe);
-    for (size_t qi = 0; qi < nq; ++qi) {
-      s.coarse_probe(q.data() + qi * dim, nprobe, scratch.data(), one.data());
-      for (size_t j = 0; j < nprobe; ++j) CHECK(batch[qi * nprobe + j] == one[j]);
+  for (bool portable : {false, true})
+    for (int threads : {1, 2}) {
+      s.set_portable_kernels(portable);
+      std::vector<int64_t> batch(nq * nprobe);
+      s.coarse_probe_batch(q.data(), nq, nprobe, threads, batch.data());
+      std::vector<float> scratch(nlist);
+      std::vector<int64_t> one(nprobe), exact(nprobe);
+      for (size_t qi = 0; qi < nq; ++qi) {
+        s.coarse_probe(q.data() + qi * dim, nprobe, scratch.data(), one.data());
+        s.coarse_probe_exhaustive(q.data() + qi * dim, nprobe, scratch.data(), exact.data());
+        for (size_t j = 0; j < nprobe; ++j) CHECK(batch[qi * nprobe + j] == one[j] && one[j] == exact[j]);
+      }
     }
-  }
+  s.set_portable_kernels(false);
   // nprobe > nlist pads with -1 like faiss.
   std::vector<int64_t> padded(2 * (nlist + 3));
   s.coarse_probe_batch(q.data(), 2, nlist + 3, 1, padded.data());
   CHECK(padded[nlist] == -1 && padded[nlist + 2] == -1 && padded[nlist - 1] >= 0);
 }
 
-// The one-query coarse search's float16 prefilter must pick exactly the exhaustive fp32 search's lists, in the
-// same order, with both the AVX2 and the portable approximate kernels: on random centroids, on tight clusters
-// (many centroids within the float16 error of each other, so the bound, not luck, decides), on exact duplicates
-// (ties broken by the smaller id), on centroids in the float16 subnormal range, and on dims with a scalar tail.
-// Returns the most lists any query scored exactly.
-size_t check_half_probes(const std::vector<float>& coarse, size_t dim, const std::vector<float>& queries,
+// round_nearest (patchify/round.h) equals std::nearbyint (default rounding mode: ties to even) over the ranges its
+// callers use: ties, near-ties and random values, float and double, both signs.
+void test_round_nearest() {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> u(-40000.0, 40000.0);
+  for (int k = -70000; k <= 70000; ++k) {
+    const double tie = k + 0.5;
+    CHECK(patchify::round_nearest(tie) == std::nearbyint(tie));
+    CHECK(patchify::round_nearest(static_cast<float>(tie)) == std::nearbyint(static_cast<float>(tie)));
+    const double near = std::nextafter(tie, 0.0);
+    CHECK(patchify::round_nearest(near) == std::nearbyint(near));
+  }
+  for (int i = 0; i < 200000; ++i) {
+    const double x = u(rng);
+    CHECK(patchify::round_nearest(x) == std::nearbyint(x));
+    CHECK(patchify::round_nearest(static_cast<float>(x / 100)) == std::nearbyint(static_cast<float>(x / 100)));
+  }
+  CHECK(patchify::round_nearest(-0.4) == 0.0 && patchify::round_nearest(0.4f) == 0.f);
+}
+
+// The int8 coarse kernels (portable, AVX2, AVX-512 BW+VNNI; one query and four at a time) give the same integer
+// sums, including at the extremes the query code limit allows (every product at its largest magnitude, all one
+// sign: the largest sum the kernels may meet), with dims that leave a tail after the 16- and 32-wide loops and a
+// row count that leaves rows after the four-row groups.
+void test_int8_kernels() {
+  std::mt19937 rng(33);
+  for (size_t d : {size_t(13), size_t(16), size_t(48), size_t(384), size_t(385), size_t(1026)}) {
+    const size_t n = 37;
+    const int32_t limit = patchify::detail::int8_query_limit(d);
+    std::uniform_int_distribution<int> code(-127, 127), qcode(-limit, limit);
+    for (int extreme = 0; extreme < 2; ++extreme) {
+      std::vector<int8_t> rows(n * d);
+      std::vector<int16_t> q(4 * d);
+      for (auto& x : rows) x = static_cast<int8_t>(extreme ? 127 : code(rng));
+      for (auto& x : q) x = static_cast<int16_t>(extreme ? -limit : qcode(rng));
+      std::vector<int32_t> ref(4 * n), got(4 * n);
+      for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows_generic(q.data() + t * d, rows.data(), n, d, ref.data() + t * n);
+      if (extreme) CHECK(ref[0] == -int64_t(limit) * 127 * int64_t(d));
+      const int16_t* qs[4] = {q.data(), q.data() + d, q.data() + 2 * d, q.data() + 3 * d};
+      int32_t* outs[4] = {got.data(), got.data() + n, got.data() + 2 * n, got.data() + 3 * n};
+#if PATCHIFY_X86
+      if (patchify::has_avx2()) {
+        std::fill(got.begin(), got.end(), 0);
+        for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows_avx2(qs[t], rows.data(), n, d, outs[t]);
+        CHECK(got == ref);
+        std::fill(got.begin(), got.end(), 0);
+        patchify::detail::dots_4q_int8_rows_avx2(qs, rows.data(), n, d, outs);
+        CHECK(got == ref);
+      }
+      if (patchify::has_avx512_vnni()) {
+        std::fill(got.begin(), got.end(), 0);
+        for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows_avx512(qs[t], rows.data(), n, d, outs[t]);
+        CHECK(got == ref);
+        std::fill(got.begin(), got.end(), 0);
+        patchify::detail::dots_4q_int8_rows_avx512(qs, rows.data(), n, d, outs);
+        CHECK(got == ref);
+      }
+#endif
+      // The dispatchers, portable and not.
+      for (bool portable : {false, true}) {
+        std::fill(got.begin(), got.end(), 0);
+        if (!patchify::detail::dots_4q_int8_rows(qs, rows.data(), n, d, outs, portable))
+          for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows(qs[t], rows.data(), n, d, outs[t], portable);
+        CHECK(got == ref);
+      }
+    }
+  }
+}
+
+// The one-query coarse search's int8 prefilter must pick exactly the exhaustive fp32 search's lists, in the same
+// order, with both the AVX2 and the portable approximate kernels: on random centroids, on tight clusters (many
+// centroids within the int8 error of each other, so the bound, not luck, decides), on exact duplicates (ties broken
+// by the smaller id), on tiny, zero and lopsided rows (one large coordinate: the others round to code 0), and on
+// dims with a scalar tail. Returns the most lists any query scored exactly.
+size_t check_int8_probes(const std::vector<float>& coarse, size_t dim, const std::vector<float>& queries,
                          size_t nprobe, bool expect_prefilter) {
   const size_t nlist = coarse.size() / dim, M = 1;
   std::vector<float> pq(M * 256 * dim, 0.f);
@@ -264,7 +340,7 @@ size_t check_half_probes(const std::vector<float>& coarse, size_t dim, const std
       const size_t scored = s.coarse_probe(q, nprobe, scratch.data(), fast.data());
       s.coarse_probe_exhaustive(q, nprobe, scratch.data(), exact.data());
       for (size_t j = 0; j < nprobe; ++j) CHECK(fast[j] == exact[j]);
-      if (expect_prefilter && (portable || patchify::has_avx2_fma_f16c())) {
+      if (expect_prefilter && (portable || patchify::has_avx2())) {
         CHECK(scored < nlist);
         CHECK(scored >= std::min(nprobe, nlist));
       } else {
@@ -276,7 +352,7 @@ size_t check_half_probes(const std::vector<float>& coarse, size_t dim, const std
   return most;
 }
 
-void test_half_coarse_probe() {
+void test_int8_coarse_probe() {
   std::mt19937 rng(21);
   std::normal_distribution<float> g;
   auto gauss = [&](size_t n, float scale) {
@@ -289,14 +365,14 @@ void test_half_coarse_probe() {
     const std::vector<float> coarse = gauss(nlist * dim, 1.f / std::sqrt(float(dim)));
     const std::vector<float> queries = gauss(20 * dim, 1.f);
     for (size_t nprobe : {size_t(1), size_t(16), size_t(100)}) {
-      const size_t most = check_half_probes(coarse, dim, queries, nprobe, true);
+      const size_t most = check_int8_probes(coarse, dim, queries, nprobe, true);
       if (dim == 384 && nprobe == 16) CHECK(most < 64);  // random centroids: the shortlist stays short
     }
     // nprobe >= nlist: every list, then -1 padding (the exhaustive path).
-    check_half_probes(coarse, dim, queries, nlist + 2, false);
+    check_int8_probes(coarse, dim, queries, nlist + 2, false);
   }
-  // Clusters: 8 centres, each with 50 copies moved by 1e-4 relative (below float16's 2^-11 resolution): the
-  // half copies of a cluster tie or nearly so and only the exact rescoring can order them.
+  // Clusters: 8 centres, each with 50 copies moved by 1e-4 relative (far below int8's ~2^-8 resolution): the int8
+  // copies of a cluster tie or nearly so and only the exact rescoring can order them.
   {
     const size_t dim = 64, centres = 8, per = 50;
     const std::vector<float> base = gauss(centres * dim, 1.f);
@@ -306,8 +382,8 @@ void test_half_coarse_probe() {
         for (size_t i = 0; i < dim; ++i) coarse.push_back(base[c * dim + i] * (1.f + 1e-4f * g(rng)));
     std::vector<float> queries = gauss(10 * dim, 1.f);
     queries.insert(queries.end(), base.begin(), base.begin() + dim);  // a query on a centre
-    check_half_probes(coarse, dim, queries, 16, true);
-    check_half_probes(coarse, dim, queries, 75, true);  // the boundary inside a cluster
+    check_int8_probes(coarse, dim, queries, 16, true);
+    check_int8_probes(coarse, dim, queries, 75, true);  // the boundary inside a cluster
   }
   // Exact duplicates: groups of identical rows, so the nprobe boundary falls inside a tie.
   {
@@ -315,15 +391,38 @@ void test_half_coarse_probe() {
     const std::vector<float> base = gauss(distinct * dim, 1.f);
     std::vector<float> coarse;
     for (size_t k = 0; k < copies; ++k) coarse.insert(coarse.end(), base.begin(), base.end());
-    check_half_probes(coarse, dim, gauss(10 * dim, 1.f), 10, true);
+    check_int8_probes(coarse, dim, gauss(10 * dim, 1.f), 10, true);
   }
-  // Float16 subnormals (|x| < 2^-14): the absolute part of the bound.
-  check_half_probes(gauss(200 * 48, 1e-6f), 48, gauss(10 * 48, 1.f), 5, true);
-  // No trustworthy float16 copy or bound: a coordinate beyond float16's range, a query with a NaN, a huge query.
+  // Magnitudes: tiny rows (scales near float's subnormal range), zero rows, lopsided rows (one coordinate 1e4
+  // times the rest, which all round to code 0), values beyond float16's range; and tiny or lopsided queries.
+  {
+    const size_t dim = 48;
+    check_int8_probes(gauss(200 * dim, 1e-30f), dim, gauss(10 * dim, 1.f), 5, true);
+    std::vector<float> coarse = gauss(300 * dim, 1.f);
+    for (size_t j = 0; j < 300; j += 3) coarse[j * dim + j % dim] *= 1e4f;
+    for (size_t i = 0; i < dim; ++i) coarse[7 * dim + i] = coarse[8 * dim + i] = 0.f;
+    for (size_t i = 0; i < 10; ++i) coarse[20 * dim + i] = 1e5f;
+    std::vector<float> queries = gauss(10 * dim, 1.f);
+    std::vector<float> tiny = gauss(dim, 1e-20f), lopsided = gauss(dim, 1e-3f);
+    lopsided[5] = 1e3f;
+    queries.insert(queries.end(), tiny.begin(), tiny.end());
+    queries.insert(queries.end(), lopsided.begin(), lopsided.end());
+    check_int8_probes(coarse, dim, queries, 5, true);
+    check_int8_probes(coarse, dim, queries, 40, true);
+  }
+  // The query code limit keeps every int32 sum exact (127 L d <= INT32_MAX), as large as int16 allows.
+  for (size_t d : {size_t(1), size_t(384), size_t(1024), size_t(4096), size_t(20000)}) {
+    const int64_t limit = patchify::detail::int8_query_limit(d);
+    CHECK(limit * 127 * int64_t(d) <= std::numeric_limits<int32_t>::max());
+    CHECK(limit == 32767 || (limit + 1) * 127 * int64_t(d) > std::numeric_limits<int32_t>::max());
+  }
+  // No trustworthy int8 copy or bound: a non-finite coordinate, a dimension too large for enough query levels
+  // (20000: limit 845 < 1024), a query with a NaN, a huge query, a zero query.
   {
     std::vector<float> coarse = gauss(100 * 16, 1.f);
-    coarse[37] = 1e5f;
-    check_half_probes(coarse, 16, gauss(4 * 16, 1.f), 5, false);
+    coarse[37] = std::numeric_limits<float>::infinity();
+    check_int8_probes(coarse, 16, gauss(4 * 16, 1.f), 5, false);
+    check_int8_probes(gauss(12 * 20000, 1.f), 20000, gauss(2 * 20000, 1.f), 3, false);
     std::vector<float> q = gauss(16, 1.f);
     q[3] = std::numeric_limits<float>::quiet_NaN();
     patchify::IVFPQScanner s(16, 100, 1, 8, gauss(100 * 16, 1.f).data(), std::vector<float>(256 * 16).data());
@@ -332,13 +431,17 @@ void test_half_coarse_probe() {
     CHECK(s.coarse_probe(q.data(), 5, scratch.data(), probes.data()) == 100);
     q[3] = 1e37f;  // |q| |c| beyond the no-overflow margin
     CHECK(s.coarse_probe(q.data(), 5, scratch.data(), probes.data()) == 100);
+    std::fill(q.begin(), q.end(), 0.f);
+    CHECK(s.coarse_probe(q.data(), 5, scratch.data(), probes.data()) == 100);
   }
 }
 
 }  // namespace
 
 int main() {
-  test_half_coarse_probe();
+  test_round_nearest();
+  test_int8_kernels();
+  test_int8_coarse_probe();
   test_batched_coarse_probe(1024, 8, 40);
   test_batched_coarse_probe(1026, 6, 39);
   test_scores_and_ranking(8);

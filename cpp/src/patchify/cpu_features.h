@@ -34,16 +34,24 @@ inline bool supports_f16c() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("f16c");
 }
+// libgcc/compiler-rt report the AVX-512 features only where the OS saves the ZMM state (XCR0), like AVX for YMM.
+inline bool supports_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
 #else
 inline bool supports_avx2() { return false; }
 inline bool supports_fma() { return false; }
 inline bool supports_f16c() { return false; }
+inline bool supports_avx512_vnni() { return false; }
 #endif
 }  // namespace cpu_detail
 
 // Each answer is computed once (thread-safe static initialisation) and then costs one load: the kernels ask on
 // every call. Kernel sets: the tiler's resize needs AVX2 only, the IVFPQ scanner's dot products AVX2+FMA, the flat
-// index's float16 rows AVX2+FMA+F16C.
+// index's float16 rows AVX2+FMA+F16C, the coarse search's int8 prefilter AVX2 or, faster, AVX-512 BW+VNNI
+// (vpdpwssd: 32 int16 products summed into int32 by one instruction).
 inline bool has_avx2() {
   static const bool yes = cpu_detail::supports_avx2();
   return yes;
@@ -54,6 +62,10 @@ inline bool has_avx2_fma() {
 }
 inline bool has_avx2_fma_f16c() {
   static const bool yes = has_avx2_fma() && cpu_detail::supports_f16c();
+  return yes;
+}
+inline bool has_avx512_vnni() {
+  static const bool yes = has_avx2() && cpu_detail::supports_avx512_vnni();
   return yes;
 }
 

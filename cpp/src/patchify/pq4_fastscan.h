@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "patchify/cpu_features.h"
+#include "patchify/round.h"
 
 namespace patchify {
 
@@ -103,7 +104,7 @@ struct Pq4Lut {
       const float* t = table + m * 16;
       uint8_t* out = packed.data() + (m / 2) * 32 + (m & 1) * 16;
       for (size_t c = 0; c < 16; ++c) {
-        const float v = std::nearbyint((t[c] - mins[m]) * scale);
+        const float v = round_nearest((t[c] - mins[m]) * scale);  // ties to even, as std::nearbyint
         out[c] = static_cast<uint8_t>(std::min(255.f, std::max(0.f, v)));
       }
     }
