@@ -251,6 +251,39 @@ void test_batched_coarse_probe(size_t dim, size_t M, size_t nq) {
   CHECK(padded[nlist] == -1 && padded[nlist + 2] == -1 && padded[nlist - 1] >= 0);
 }
 
+// SmallTopImages (linear up to kLinear entries, hashed with an indexed heap beyond) keeps exactly the k best
+// distinct images of a stream of patch offers, with their best scores and smallest-id best patches: against a
+// per-image max over the whole stream, for k on both sides of kLinear, scores with many ties (a tenth of a unit
+// on 0..100), images revisited often (500 images, 5000 offers), and offers gated by the threshold as the scan
+// gates them.
+void test_small_top_images() {
+  std::mt19937 rng(17);
+  std::uniform_int_distribution<int> image_of(0, 499), tenths(0, 1000);
+  for (size_t k : {size_t(1), size_t(5), size_t(32), size_t(33), size_t(40), size_t(200), size_t(600)}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      patchify::detail::SmallTopImages top(k);
+      std::vector<patchify::ImageHit> best(500, patchify::ImageHit{-1.f, -1, -1});
+      for (int64_t patch = 0; patch < 5000; ++patch) {
+        const int64_t image = image_of(rng);
+        const float score = tenths(rng) / 10.f;
+        patchify::ImageHit& b = best[static_cast<size_t>(image)];
+        if (b.image < 0 || score > b.score || (score == b.score && patch < b.patch)) b = {score, image, patch};
+        if (score >= top.threshold()) top.offer(score, image, patch);
+      }
+      std::vector<patchify::ImageHit> expected;
+      for (const auto& b : best)
+        if (b.image >= 0) expected.push_back(b);
+      std::sort(expected.begin(), expected.end(), patchify::better);
+      expected.resize(std::min(k, expected.size()));
+      const std::vector<patchify::ImageHit> got = top.take_sorted();
+      CHECK(got.size() == expected.size());
+      for (size_t j = 0; j < std::min(got.size(), expected.size()); ++j)
+        CHECK(got[j].image == expected[j].image && got[j].score == expected[j].score &&
+              got[j].patch == expected[j].patch);
+    }
+  }
+}
+
 // round_nearest (patchify/round.h) equals std::nearbyint (default rounding mode: ties to even) over the ranges its
 // callers use: ties, near-ties and random values, float and double, both signs.
 void test_round_nearest() {
@@ -439,6 +472,7 @@ void test_int8_coarse_probe() {
 }  // namespace
 
 int main() {
+  test_small_top_images();
   test_round_nearest();
   test_int8_kernels();
   test_int8_coarse_probe();
