@@ -118,7 +118,7 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["index", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 2)" in text and "(default 48)" in text and "(default 16)" in text
+    assert "(default: 2)" in text and "(default 32)" in text and "(default 16)" in text
 
 
 def test_an_image_too_small_for_the_grid_is_named_not_numbered(tmp_path):
@@ -141,7 +141,8 @@ def test_info_says_an_ivfpq_index_is_searched_exactly_until_it_can_train(photos,
     assert main(["info", str(engine.save(tmp_path / "index"))]) == 0
     out = capsys.readouterr().out
     assert "index kind: flat" in out and "configured: ivfpq (" in out
-    assert "searched exactly until it has 9,984 patches to train on" in out
+    # 4-bit codes (the default): 39 training points for each of the 16 PQ centroids
+    assert "searched exactly until it has 624 patches to train on" in out
 
 
 def test_info_suggests_relearning_only_for_a_whitening_learned_on_fewer_indexed_patches(photos, tmp_path, capsys):

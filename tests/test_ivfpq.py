@@ -221,7 +221,9 @@ def test_nbytes_counts_codes_ids_and_map(trained_faiss, data):
 def test_training_size_checks_and_auto_nlist(data):
     x, _ = data
     with pytest.raises(ValueError, match=r"at least 9984 vectors.*got 5000"):
-        IVFPQIndex(DIM, m=M).train(x[:5000])
+        IVFPQIndex(DIM, m=M, nbits=8).train(x[:5000])
+    with pytest.raises(ValueError, match=r"at least 624 vectors.*got 600"):  # 4-bit (the default): 39 x 16
+        IVFPQIndex(DIM, m=M).train(x[:600])
     with pytest.raises(ValueError, match=r"at least 39000 vectors"):
         IVFPQIndex(DIM, nlist=1000, m=M).train(x)
     assert auto_nlist(10_000) == 256 and auto_nlist(1_000_000) == 4000 and auto_nlist(100) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from patchify.config import default_rerank_shortlist
 from patchify.index.flat import numpy_reference_search
 from patchify.index.ivfpq import IVFPQIndex
 from patchify.index.rerank import ImagePatches, RerankStore
@@ -94,7 +95,11 @@ def test_two_stage_recovers_what_pq_alone_loses():
     recall = lambda ids: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])  # noqa: E731
     one_recall, two_recall = recall(one.search(q, 10)[1]), recall(two.search(q, 10)[1])
     assert two_recall > one_recall + 0.3 and two_recall > 0.75  # 4-bit PQ on 32-d: the first stage is coarse
-    assert two.shortlist(10) == 100 and two.shortlist(50) == 500 and two.config.rerank == "float16"
+    # 4-bit codes look twice as deep as 8-bit ones by default (10 x k, at least 100); a setting overrides both.
+    assert two.nbits == 4 and two.shortlist(10) == 200 and two.shortlist(50) == 1000
+    assert default_rerank_shortlist(10, 8) == 100 and default_rerank_shortlist(50, 8) == 500
+    two.rerank_shortlist = 30
+    assert two.shortlist(10) == 30 and two.shortlist(50) == 50 and two.config.rerank == "float16"
 
 
 @pytest.mark.parametrize("storage", ["ram", "mmap"])

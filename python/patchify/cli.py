@@ -13,8 +13,8 @@ from .errors import PatchifyError
 
 from . import store
 from .config import (CELL_SIZINGS, DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_CELL_SIZING, DEFAULT_GLOBAL_WEIGHT,
-                     DEFAULT_LEVEL, DEFAULT_PRECISION, MIN_FIT_INPUT_SIZE, PRECISIONS, RERANK_MIN_SHORTLIST,
-                     RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, ServeConfig,
+                     DEFAULT_LEVEL, DEFAULT_PRECISION, MIN_FIT_INPUT_SIZE, PRECISIONS, RERANK_4BIT_DEPTH,
+                     RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, ServeConfig,
                      index_config_from_dict)
 from .engine import Patchify
 from .whitening import manifest_entry
@@ -332,7 +332,7 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
                             f"copies, or none (default {IVFPQConfig.rerank})")
     group.add_argument("--rerank-shortlist", dest="rerank_shortlist", type=int, default=None,
                        help=f"images the IVFPQ first stage hands to the second (default: {RERANK_SHORTLIST_FACTOR} x "
-                            f"k, at least {RERANK_MIN_SHORTLIST})")
+                            f"k, at least {RERANK_MIN_SHORTLIST}; {RERANK_4BIT_DEPTH} x that with --nbits 4)")
     group.add_argument("--rerank-storage", dest="rerank_storage", choices=["ram", "mmap"], default=None,
                        help=f"re-rank copies in RAM or memory-mapped from the index folder once loaded "
                             f"(default {IVFPQConfig.rerank_storage})")

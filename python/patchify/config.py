@@ -46,9 +46,18 @@ CELL_SIZINGS = ("fit", "fixed")
 DEFAULT_CELL_SIZING = "fit"
 # 14 x 14 tokens of a /14 ViT: floors of 168 and 112 px lost 2 and 11 mAP points (RESULTS.md, "Indexing cost").
 MIN_FIT_INPUT_SIZE = 196
-# The second stage of an IVFPQ search re-scores this many times k images (at least RERANK_MIN_SHORTLIST).
+# The second stage of an IVFPQ search re-scores this many times k images (at least RERANK_MIN_SHORTLIST), times
+# RERANK_4BIT_DEPTH for codes of 4 bits or fewer: they rank coarser (grocery, L3: the 4-bit first stage holds 83 % of
+# flat's top 10 in its best 100 images, 8-bit 91 %; a shortlist of 100 lost 1.4 mAP points, 200 none: RESULTS.md).
 RERANK_SHORTLIST_FACTOR = 10
 RERANK_MIN_SHORTLIST = 100
+RERANK_4BIT_DEPTH = 2
+
+
+def default_rerank_shortlist(k: int, nbits: int) -> int:
+    """Images the first stage of a top-k IVFPQ search hands to the second when `rerank_shortlist` is not set."""
+    shortlist = max(RERANK_SHORTLIST_FACTOR * k, RERANK_MIN_SHORTLIST)
+    return shortlist * RERANK_4BIT_DEPTH if nbits <= 4 else shortlist
 # faiss's k-means warns below 39 training points per centroid (and the clustering degrades): we make it an error.
 MIN_POINTS_PER_CENTROID = 39
 # Most vectors any training step (IVFPQ codebooks, whitening) learns from: a uniform sample beyond that. faiss's
@@ -179,14 +188,17 @@ class IVFPQConfig:
 
     Two-stage search (patchify.index.rerank): rerank = "float16" or "int8" keeps a finer copy of every patch vector
     and re-scores every patch of the first stage's best `rerank_shortlist` images exactly (None: the default
-    shortlist, RERANK_SHORTLIST_FACTOR x k, at least RERANK_MIN_SHORTLIST); None or "none" = one stage (PQ scores
-    only).
+    shortlist, default_rerank_shortlist(k, nbits): 10 x k, at least 100, twice that for 4-bit codes); None or "none"
+    = one stage (PQ scores only).
     rerank_storage: "ram", or "mmap" (read from the saved index folder on demand once loaded)."""
 
     kind: ClassVar[str] = "ivfpq"
     nlist: int | None = None
-    m: int = 48
-    nbits: int = 8
+    # PQ32x4 (fast-scan) + the int8 re-rank: 28 B/patch of first stage in RAM, ~0.2 ms per one-query first stage at
+    # 1M images x L2, and flat's mAP on grocery and the composite; PQ48x8 was 64 B/patch and ~1.2 ms at equal
+    # accuracy (benchmarks/RESULTS.md, "Compressed search ... fifth session"). 32 divides 384, 512, 768 and 1024.
+    m: int = 32
+    nbits: int = 4
     nprobe: int = 16
     training_source: str = "all"
     rerank: str | None = "int8"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from ..config import TilingConfig, index_config_from_dict
+from ..config import IVFPQConfig, TilingConfig, index_config_from_dict
 from ..encoder import Encoder
 from ..engine import Patchify
 from ..index.base import check_k, result_width
@@ -276,7 +276,7 @@ class ShardedIndex(QueryFront):
     def _shortlist(self, k: int) -> int | None:
         """The shortlist a single two-stage IVFPQ index of all the images would re-rank for a top-k search."""
         config = self._config
-        if getattr(config, "rerank", None) is None:
+        if not isinstance(config, IVFPQConfig) or config.rerank is None:
             return None
-        return result_width(shortlist_size(min(k, self.n_images), getattr(config, "rerank_shortlist", None)),
+        return result_width(shortlist_size(min(k, self.n_images), config.rerank_shortlist, config.nbits),
                             self.n_images)

@@ -3,7 +3,8 @@
 faiss does what it is good at: training the coarse quantiser and the PQ codebooks, encoding patches (residuals
 w.r.t. their coarse centroid, `by_residual`), maintaining the inverted lists, removing ids, reading and writing
 the index. The C++ extension (`_core.IVFPQScanner`, cpp/src/patchify/ivfpq_scan.h) picks the `nprobe` lists
-(coarse="native", default: same ranking as faiss's quantiser, in the same GIL-free call) or takes faiss's own
+(coarse="native", default: exactly the lists of an fp32 search over the centroids, found through an int8 copy of
+them with an error bound and exact rescoring of the near-ties, in the same GIL-free call) or takes faiss's own
 quantizer.search result (coarse="faiss"), then scans those lists' PQ codes with faiss's inner-product ADC
 arithmetic and keeps the best patch per *image* in the same pass, returning the top-k images directly. Asking
 faiss for a patch-level top-k' and grouping in numpy would need a large k' (an image's patches crowd the top of the
@@ -13,7 +14,7 @@ faiss ids are our global patch ids; a dense int32 array maps patch id -> image i
 core never links faiss: it reads faiss's inverted lists through numpy views (faiss.rev_swig_ptr) that are
 rebuilt after every add/remove, because faiss may reallocate its lists.
 
-nbits=4 stores the codes in faiss's fast-scan layout (IndexIVFPQFastScan: 4-bit codes in blocks of 32 vectors, M/2
+nbits=4 (the default, with m=32) stores the codes in faiss's fast-scan layout (IndexIVFPQFastScan: 4-bit codes in blocks of 32 vectors, M/2
 bytes per patch) and the scanner reads them with uint8 lookup tables held in SIMD registers (cpp/src/patchify/
 pq4_fastscan.h), still keeping the best patch per image inside the scan; first-stage scores are then quantised
 as faiss's own fast-scan search quantises them. Indexes saved with nbits=4 before the fast-scan layout existed
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..config import MIN_POINTS_PER_CENTROID, RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, IVFPQConfig
+from ..config import MIN_POINTS_PER_CENTROID, IVFPQConfig, default_rerank_shortlist
 from ..errors import IndexFormatError
 from .base import check_ids, check_queries, check_vectors, result_width
 from .rerank import ImagePatches, RerankStore
@@ -307,7 +308,7 @@ class IVFPQIndex:
 
     def shortlist(self, k: int) -> int:
         """Images the first stage hands to the second for a top-k search."""
-        return shortlist_size(k, self.rerank_shortlist)
+        return shortlist_size(k, self.rerank_shortlist, self.nbits)
 
     def search_shortlist(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All `shortlist(k)` images of a top-k two-stage search, re-scored and sorted: (nq, shortlist) arrays as
@@ -530,12 +531,12 @@ class IVFPQIndex:
         return self._scanner
 
 
-def shortlist_size(k: int, rerank_shortlist: int | None) -> int:
+def shortlist_size(k: int, rerank_shortlist: int | None, nbits: int) -> int:
     """Images the first stage hands to the second for a top-k search (rerank_shortlist: the setting, None = the
-    default rule)."""
+    default rule for codes of `nbits` bits)."""
     if rerank_shortlist is not None:
         return max(int(rerank_shortlist), k)
-    return max(RERANK_SHORTLIST_FACTOR * k, RERANK_MIN_SHORTLIST)
+    return default_rerank_shortlist(k, nbits)
 
 
 def _no_columns(nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
