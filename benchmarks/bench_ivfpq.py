@@ -26,6 +26,9 @@ k-th place: (b)'s k' is then the smallest power of two whose grouped top-k equal
 (the group-by of everything faiss finds in the probed lists), and the report gives how many of the fused top-k
 images that answer holds. Target: fused >= 2x faster than (b), batch 1 and batch 64.
 
+--baseline-cache DIR (another run's --cache folder, e.g. the 8-bit index): its fused first stage and two-stage
+search are timed in the same rounds, so "two-stage p50 <= 1.5x the 8-bit fused scanner" is a same-run ratio.
+
 Single-query latency (p50/p99, one thread) and batch throughput (batch 64, all threads, queries/s), each method
 timed in blocks over alternating rounds, best round kept (the machine may be shared).
 Memory: bytes per patch and per image for flat float32, flat float16 and IVFPQ at each grid level.
@@ -168,6 +171,10 @@ def main() -> None:
                     help="training subsample size; 0 = max(faiss minimum, 40 per list)")
     ap.add_argument("--rerank", choices=["none", "int8", "float16"], default="int8",
                     help="re-rank store kept while adding; 'two_stage' is timed against the fused first stage")
+    ap.add_argument("--baseline-cache", type=Path, default=None,
+                    help="a folder another run of this script cached its index in (e.g. the 8-bit one): its fused "
+                         "first stage ('baseline_fused') and two-stage search are timed in the same rounds, on the "
+                         "same queries, for the two-stage target (<= 1.5x the 8-bit fused scanner's p50)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder to save the trained, filled index in (and reuse it on later runs)")
@@ -332,8 +339,20 @@ def main() -> None:
     methods = {"fused": fused, "faiss_k10": faiss_a, "faiss_kprime_group": faiss_b}
     if index.rerank is not None:
         methods["two_stage"] = two_stage
+    baseline = None
+    if args.baseline_cache:
+        baseline = IVFPQIndex.load(args.baseline_cache, num_threads=threads)
+        baseline.nprobe = args.nprobe
+        if baseline.dim != index.dim:
+            raise SystemExit(f"--baseline-cache holds a {baseline.dim}-d index, this one is {index.dim}-d")
+        print(f"baseline: {baseline.config} from {args.baseline_cache}", flush=True)
+        methods["baseline_fused"] = lambda qs: baseline.first_stage(qs, k)
+        if baseline.rerank is not None:
+            methods["baseline_two_stage"] = lambda qs: baseline.search(qs, k)
     # Single query: one thread each (faiss parallelises a single query over nothing by default either).
     index.num_threads = 1
+    if baseline is not None:
+        baseline.num_threads = 1
     faiss.omp_set_num_threads(1)
     # Each method runs all queries in a block (as a service running only that method would: interleaving
     # per query would let each method evict the others' working set from the caches); blocks alternate over
@@ -352,6 +371,8 @@ def main() -> None:
                 lat[name] = times
     # Batches: all threads for everyone.
     index.num_threads = threads
+    if baseline is not None:
+        baseline.num_threads = threads
     faiss.omp_set_num_threads(threads)
     batch_time: dict[str, float] = {}
     n_batch_queries = args.batches * args.batch
@@ -375,6 +396,8 @@ def main() -> None:
     if "two_stage" in results:
         ratios["two_stage_over_fused_p50"] = results["two_stage"]["p50_ms"] / f["p50_ms"]
         ratios["fused_over_two_stage_qps"] = f["batch_qps"] / results["two_stage"]["batch_qps"]
+    if "baseline_fused" in results and "two_stage" in results:
+        ratios["two_stage_over_baseline_fused_p50"] = results["two_stage"]["p50_ms"] / results["baseline_fused"]["p50_ms"]
     targets = {
         "two_stage_within_1.5x_of_fused_p50": ratios.get("two_stage_over_fused_p50", 0.0) <= 1.5,
         "fused_3x_faster_than_b_latency": ratios["b_over_fused_p50"] >= 3.0,
@@ -385,8 +408,9 @@ def main() -> None:
     if index.fast_scan:  # issue 10's fast-scan target
         targets = {"fused_2x_faster_than_b_latency": ratios["b_over_fused_p50"] >= 2.0,
                    "fused_2x_faster_than_b_batch": ratios["fused_over_b_qps"] >= 2.0,
-                   **({"two_stage_within_1.5x_of_fused_p50": targets["two_stage_within_1.5x_of_fused_p50"]}
-                      if "two_stage" in results else {})}
+                   **({"two_stage_within_1.5x_of_baseline_fused_p50":
+                       ratios["two_stage_over_baseline_fused_p50"] <= 1.5}
+                      if "two_stage_over_baseline_fused_p50" in ratios else {})}
 
     d = args.dim
     store = index.rerank_store
@@ -409,6 +433,7 @@ def main() -> None:
         "config": {**{k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()}, "nlist": nlist,
                    "threads": threads, "n_patches": n_patches, "n_train": n_train, "k_prime": k_prime,
                    "fused_agreement_with_b": fused_agreement, "fast_scan": index.fast_scan,
+                   "baseline": None if baseline is None else str(baseline.config),
                    "streamed": stream, "loaded_from_cache": loaded,
                    "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                    "faiss": faiss.__version__},
