@@ -397,7 +397,8 @@ def main() -> None:
         ratios["two_stage_over_fused_p50"] = results["two_stage"]["p50_ms"] / f["p50_ms"]
         ratios["fused_over_two_stage_qps"] = f["batch_qps"] / results["two_stage"]["batch_qps"]
     if "baseline_fused" in results and "two_stage" in results:
-        ratios["two_stage_over_baseline_fused_p50"] = results["two_stage"]["p50_ms"] / results["baseline_fused"]["p50_ms"]
+        ratios["two_stage_over_baseline_fused_p50"] = (results["two_stage"]["p50_ms"]
+                                                       / results["baseline_fused"]["p50_ms"])
     targets = {
         "two_stage_within_1.5x_of_fused_p50": ratios.get("two_stage_over_fused_p50", 0.0) <= 1.5,
         "fused_3x_faster_than_b_latency": ratios["b_over_fused_p50"] >= 3.0,

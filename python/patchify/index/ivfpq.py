@@ -14,11 +14,12 @@ faiss ids are our global patch ids; a dense int32 array maps patch id -> image i
 core never links faiss: it reads faiss's inverted lists through numpy views (faiss.rev_swig_ptr) that are
 rebuilt after every add/remove, because faiss may reallocate its lists.
 
-nbits=4 (the default, with m=32) stores the codes in faiss's fast-scan layout (IndexIVFPQFastScan: 4-bit codes in blocks of 32 vectors, M/2
-bytes per patch) and the scanner reads them with uint8 lookup tables held in SIMD registers (cpp/src/patchify/
-pq4_fastscan.h), still keeping the best patch per image inside the scan; first-stage scores are then quantised
-as faiss's own fast-scan search quantises them. Indexes saved with nbits=4 before the fast-scan layout existed
-hold a plain IndexIVFPQ and are still read and scanned as such (the faiss file says which layout it holds).
+nbits=4 (the default, with m=32) stores the codes in faiss's fast-scan layout (IndexIVFPQFastScan: 4-bit codes in
+blocks of 32 vectors, M/2 bytes per patch) and the scanner reads them with uint8 lookup tables held in SIMD registers
+(cpp/src/patchify/pq4_fastscan.h), still keeping the best patch per image inside the scan; first-stage scores are
+then quantised as faiss's own fast-scan search quantises them. Indexes saved with nbits=4 before the fast-scan
+layout existed hold a plain IndexIVFPQ and are still read and scanned as such (the faiss file says which layout it
+holds).
 
 Two stages by default (rerank="int8"): the scanner shortlists the best `shortlist(k)` images by PQ scores, then
 every patch of those images is scored from a finer copy of the vectors (patchify.index.rerank, C++ in
