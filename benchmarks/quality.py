@@ -106,7 +106,7 @@ def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, ot
             raise ValueError(f"{setting.name}: needs at least two sets")
         options["whitening"] = Whitening.learn(others, WhiteningConfig())
     if setting.opq:
-        options["whitening"] = opq_whitening(data, level, options["m"])
+        options["whitening"] = opq_whitening(data, level, options["m"], options["nbits"])
     engine = build_engine(data, level, options)
     started = time.perf_counter()
     # Every image ranked (k None), or the top k. A two-stage IVFPQ search re-ranks max(rerank_shortlist, k) images:
@@ -123,10 +123,12 @@ def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, ot
     return result
 
 
-def opq_whitening(data: "sets_module.EncodedSet", level: int, m: int):
+def opq_whitening(data: "sets_module.EncodedSet", level: int, m: int, nbits: int = 8):
     """The default whitening (learned as add_images would) composed with a faiss OPQ rotation learned on the
     whitened patches of `level`: normalise((x - mean) P) R^T = normalise((x - mean) P R^T) for a rotation R, so the
-    result is again a `Whitening` (flat results unchanged; only the PQ codes see the rotation)."""
+    result is again a `Whitening` (flat results unchanged; only the PQ codes see the rotation). The rotation is
+    learned with a PQ of the index's `nbits` (faiss's OPQMatrix trains an 8-bit one unless given one: 9,984 vectors
+    at least, more than small sets hold)."""
     import faiss
 
     from patchify.whitening import Whitening
@@ -135,6 +137,8 @@ def opq_whitening(data: "sets_module.EncodedSet", level: int, m: int):
     keep = data.grid <= level + 1
     whitened = plain.apply(data.vectors[keep])
     opq = faiss.OPQMatrix(whitened.shape[1], m)
+    pq = faiss.ProductQuantizer(whitened.shape[1], m, nbits)  # referenced here while OPQ trains with it
+    opq.pq = pq
     opq.train(np.ascontiguousarray(whitened[np.random.default_rng(0).permutation(len(whitened))[:65536]]))
     rotation = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)
     return Whitening(plain.mean, np.ascontiguousarray(plain.projection @ rotation.T, np.float32), plain.config,

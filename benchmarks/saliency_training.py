@@ -1,4 +1,5 @@
-"""PQ codebooks trained on patches picked by a saliency head, against all patches and the "salient" selector.
+"""PQ codebooks trained on patches picked by a saliency head, against all patches, the "salient" selector, an
+OPQ rotation and (sets with boxes) the gt-aligned oracle.
 
     PATCHIFY_CACHE_DIR=... PYTHONPATH=python python benchmarks/saliency_training.py [--sets grocery,composite] \
         [--level 3] [--fraction 0.5] [--json out.json]
@@ -16,6 +17,7 @@ benchmarks/quality.py's compression suite; default scoring.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -89,6 +91,36 @@ def saliency_selection(data, head: SaliencyHead, fraction: float, level: int) ->
     return mask
 
 
+def gt_aligned_training(data, encoder, level: int, size: int) -> np.ndarray | None:
+    """The "gt-aligned" oracle (patchify.training) at the saliency-head selection's size: the vectors of every
+    ground-truth box cut from its database image (encoded as queries are) and the patches of `level` whose box
+    overlaps a ground-truth box of their image, topped up to `size` with a uniform sample of the other patches.
+    None for sets without boxes (grocery)."""
+    from patchify import load_rgb
+    from patchify.training import select_training_vectors
+
+    gt: dict[int, set[tuple]] = {}
+    for per_query in data.gt_boxes:
+        for i, boxes in per_query.items():
+            gt.setdefault(int(i), set()).update(tuple(b) for b in boxes)
+    if not gt:
+        return None
+    crops = []
+    for i in sorted(gt):
+        pixels = load_rgb(data.database[i])
+        for box in sorted(gt[i]):
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            crops.append(encoder.query(np.ascontiguousarray(pixels[max(0, y0):max(y0 + 1, y1),
+                                                                   max(0, x0):max(x0 + 1, x1)])))
+    keep = data.grid <= level + 1
+    picked = select_training_vectors("gt-aligned", data.vectors[keep], data.image[keep],
+                                     boxes=(data.boxes[keep], {i: sorted(b) for i, b in gt.items()}),
+                                     given=np.asarray(crops, np.float32), max_vectors=size)
+    print(f"{data.name}: gt-aligned oracle: {len(crops)} ground-truth crops + the overlapping patches, topped up "
+          f"to {len(picked):,} vectors", flush=True)
+    return picked
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="grocery,composite")
@@ -120,14 +152,19 @@ def main() -> int:
             quality.Setting("IVFPQ one stage, all patches", dict(_PQ)),
             quality.Setting(f"IVFPQ one stage, salient (fraction {SALIENT_FRACTION})",
                             {**_PQ, "training_source": "salient"}),
+            quality.Setting("IVFPQ one stage, all patches + OPQ rotation", dict(_PQ), opq=True),
         ]
+        oracle = gt_aligned_training(data, encoder, args.level, len(picked))
+        if oracle is not None:  # sets with boxes only
+            settings.append(quality.Setting("IVFPQ one stage, gt-aligned (oracle)",
+                                            {**_PQ, "training_source": "given", "training_vectors": oracle}))
         results[name] = {}
         nlist = None
         for setting in settings:
             if nlist is not None and "index" in setting.engine:
                 # The default nlist follows the number of training vectors: every index gets the saliency-head
                 # one's (the smallest selection's) so that only the codebooks' training set differs.
-                setting = quality.Setting(setting.name, {**setting.engine, "nlist": nlist})
+                setting = dataclasses.replace(setting, engine={**setting.engine, "nlist": nlist})
             r = quality.run_setting(data, setting, args.level, None)
             if setting is head_setting:
                 nlist = int(r["index"].split("nlist=")[1].split(",")[0])
