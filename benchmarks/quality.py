@@ -169,12 +169,12 @@ def build_engine(data: "sets_module.EncodedSet", level: int, options: dict[str, 
     return engine
 
 
-def recall_vs_shortlist(data: "sets_module.EncodedSet", level: int, nbits: int,
+def recall_vs_shortlist(data: "sets_module.EncodedSet", level: int, nbits: int, m: int = 48,
                         shortlists: tuple[int, ...] = (10, 20, 50, 100, 200)) -> dict[int, float]:
     """Recall of the flat index's top-10 images among the IVFPQ first stage's top R (whitened, plain max): how
     long the shortlist must be for the second stage to see every image it should return."""
     flat = build_engine(data, level, {"global_weight": 0.0})
-    ivf = build_engine(data, level, {"global_weight": 0.0, "index": "ivfpq", "m": 48, "nbits": nbits,
+    ivf = build_engine(data, level, {"global_weight": 0.0, "index": "ivfpq", "m": m, "nbits": nbits,
                                      "rerank": "none"})
     _, exact, _ = flat.search_vectors(data.queries, 10)
     out = {}
@@ -313,9 +313,9 @@ def main() -> int:
         for name, data in sets.items():
             n = int((data.grid <= args.max_level + 1).sum())
             nbits = 8 if n >= IVFPQConfig(nbits=8).min_training_vectors() else 5
-            for bits in (nbits, 4):  # and the 4-bit fast-scan first stage
-                recall = recall_vs_shortlist(data, args.max_level, bits)
-                print(f"  {name} L{args.max_level} PQ48x{bits}: "
+            for m, bits in ((48, nbits), (48, 4), (32, 4)):  # and the 4-bit fast-scan first stages (PQ32x4: default)
+                recall = recall_vs_shortlist(data, args.max_level, bits, m)
+                print(f"  {name} L{args.max_level} PQ{m}x{bits}: "
                       + "  ".join(f"R={r}: {v:.3f}" for r, v in recall.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
