@@ -232,13 +232,6 @@ class IVFPQScanner {
     for (size_t j = 0; j < nprobe; ++j) probes[j] = j < n ? order[j] : -1;
   }
 
-  // A query's int16 codes and the terms of its error bound (see coarse_probe_int8; public for the batch helpers' signatures).
-  struct Int8Query {
-    std::vector<int16_t> codes;
-    float t = 0;                 // query scale: q^ = t codes
-    float A = 0, B = 0, c0 = 0;  // e_j = A |c_j| + B |c_j - c^_j| + c0
-  };
-
   // Native coarse search for a batch: probes[qi * nprobe ...] for every query, the same lists as coarse_probe
   // (both are exactly the exhaustive search's). With the int8 prefilter, blocks of queries are scored against the
   // int8 centroids four at a time (each row widened once for four queries; measured at 4096 x 384 on one core:
@@ -274,52 +267,7 @@ class IVFPQScanner {
     });
   }
 
-  // acc[u * nlist + j] = the integer sum of quantised query `quantised[u]` (codes in qz[quantised[u] - q0]) with
-  // centroid j: four queries at a time over chunks of rows that stay in L1/L2, the rest one at a time.
-  void int8_dots(const std::vector<Int8Query>& qz, const std::vector<size_t>& quantised, size_t q0,
-                 int32_t* acc) const {
-    const size_t chunk_rows = std::max<size_t>(16, (32 * 1024) / dim_);
-    for (size_t r0 = 0; r0 < nlist_; r0 += chunk_rows) {
-      const size_t rows = std::min(chunk_rows, nlist_ - r0);
-      const int8_t* chunk = coarse_i8_.data() + r0 * dim_;
-      size_t u = 0;
-      for (; u + 4 <= quantised.size(); u += 4) {
-        const int16_t* q[4];
-        int32_t* out[4];
-        for (size_t v = 0; v < 4; ++v) {
-          q[v] = qz[quantised[u + v] - q0].codes.data();
-          out[v] = acc + (u + v) * nlist_ + r0;
-        }
-        if (!detail::dots_4q_int8_rows(q, chunk, rows, dim_, out, portable_kernels_)) break;
-      }
-      for (; u < quantised.size(); ++u)
-        detail::dots_to_int8_rows(qz[quantised[u] - q0].codes.data(), chunk, rows, dim_, acc + u * nlist_ + r0,
-                                  portable_kernels_);
-    }
-  }
 
-  // The fp32 batch path for the queries `which` (ascending): exact dot products, top n lists each.
-  void coarse_probe_fp32_block(const float* queries, const std::vector<size_t>& which, size_t n, size_t nprobe,
-                               int64_t* probes) const {
-    const size_t chunk_rows = std::max<size_t>(16, (192 * 1024) / (dim_ * sizeof(float)));
-    const size_t m = which.size();
-    std::vector<float> scores(m * nlist_);
-    std::vector<const float*> qs(m);
-    std::vector<float*> out(m);
-    for (size_t r0 = 0; r0 < nlist_; r0 += chunk_rows) {
-      const size_t rows = std::min(chunk_rows, nlist_ - r0);
-      for (size_t u = 0; u < m; ++u) {
-        qs[u] = queries + which[u] * dim_;
-        out[u] = scores.data() + u * nlist_ + r0;
-      }
-      detail::dots_queries_to_rows(qs.data(), m, coarse_.data() + r0 * dim_, rows, dim_, out.data());
-    }
-    std::vector<int64_t> order;  // filled by top_lists, reused across the block
-    for (size_t u = 0; u < m; ++u) {
-      top_lists(scores.data() + u * nlist_, n, order);
-      for (size_t j = 0; j < nprobe; ++j) probes[which[u] * nprobe + j] = j < n ? order[j] : -1;
-    }
-  }
 
   // One query's tables: the float ADC table, and its quantised form for the fast-scan layout.
   struct QueryTables {
@@ -478,6 +426,60 @@ class IVFPQScanner {
   }
 
  private:
+  // A query's int16 codes and the terms of its error bound (see coarse_probe_int8).
+  struct Int8Query {
+    std::vector<int16_t> codes;
+    float t = 0;                 // query scale: q^ = t codes
+    float A = 0, B = 0, c0 = 0;  // e_j = A |c_j| + B |c_j - c^_j| + c0
+  };
+
+  // acc[u * nlist + j] = the integer sum of quantised query `quantised[u]` (codes in qz[quantised[u] - q0]) with
+  // centroid j: four queries at a time over chunks of rows that stay in L1/L2, the rest one at a time.
+  void int8_dots(const std::vector<Int8Query>& qz, const std::vector<size_t>& quantised, size_t q0,
+                 int32_t* acc) const {
+    const size_t chunk_rows = std::max<size_t>(16, (32 * 1024) / dim_);
+    for (size_t r0 = 0; r0 < nlist_; r0 += chunk_rows) {
+      const size_t rows = std::min(chunk_rows, nlist_ - r0);
+      const int8_t* chunk = coarse_i8_.data() + r0 * dim_;
+      size_t u = 0;
+      for (; u + 4 <= quantised.size(); u += 4) {
+        const int16_t* q[4];
+        int32_t* out[4];
+        for (size_t v = 0; v < 4; ++v) {
+          q[v] = qz[quantised[u + v] - q0].codes.data();
+          out[v] = acc + (u + v) * nlist_ + r0;
+        }
+        if (!detail::dots_4q_int8_rows(q, chunk, rows, dim_, out, portable_kernels_)) break;
+      }
+      for (; u < quantised.size(); ++u)
+        detail::dots_to_int8_rows(qz[quantised[u] - q0].codes.data(), chunk, rows, dim_, acc + u * nlist_ + r0,
+                                  portable_kernels_);
+    }
+  }
+
+  // The fp32 batch path for the queries `which` (ascending): exact dot products, top n lists each.
+  void coarse_probe_fp32_block(const float* queries, const std::vector<size_t>& which, size_t n, size_t nprobe,
+                               int64_t* probes) const {
+    const size_t chunk_rows = std::max<size_t>(16, (192 * 1024) / (dim_ * sizeof(float)));
+    const size_t m = which.size();
+    std::vector<float> scores(m * nlist_);
+    std::vector<const float*> qs(m);
+    std::vector<float*> out(m);
+    for (size_t r0 = 0; r0 < nlist_; r0 += chunk_rows) {
+      const size_t rows = std::min(chunk_rows, nlist_ - r0);
+      for (size_t u = 0; u < m; ++u) {
+        qs[u] = queries + which[u] * dim_;
+        out[u] = scores.data() + u * nlist_ + r0;
+      }
+      detail::dots_queries_to_rows(qs.data(), m, coarse_.data() + r0 * dim_, rows, dim_, out.data());
+    }
+    std::vector<int64_t> order;  // filled by top_lists, reused across the block
+    for (size_t u = 0; u < m; ++u) {
+      top_lists(scores.data() + u * nlist_, n, order);
+      for (size_t j = 0; j < nprobe; ++j) probes[which[u] * nprobe + j] = j < n ? order[j] : -1;
+    }
+  }
+
   static float no_threshold() { return -std::numeric_limits<float>::infinity(); }
 
   struct Scratch {
