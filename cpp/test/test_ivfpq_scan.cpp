@@ -320,28 +320,34 @@ void test_int8_kernels() {
       for (auto& x : rows) x = static_cast<int8_t>(extreme ? 127 : code(rng));
       for (auto& x : q) x = static_cast<int16_t>(extreme ? -limit : qcode(rng));
       std::vector<int32_t> ref(4 * n), got(4 * n);
-      for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows_generic(q.data() + t * d, rows.data(), n, d, ref.data() + t * n);
+      for (size_t t = 0; t < 4; ++t)  // the reference shares no code with the kernels
+        for (size_t j = 0; j < n; ++j) {
+          int64_t sum = 0;
+          for (size_t i = 0; i < d; ++i) sum += int64_t(q[t * d + i]) * rows[j * d + i];
+          ref[t * n + j] = static_cast<int32_t>(sum);
+        }
       if (extreme) CHECK(ref[0] == -int64_t(limit) * 127 * int64_t(d));
       const int16_t* qs[4] = {q.data(), q.data() + d, q.data() + 2 * d, q.data() + 3 * d};
       int32_t* outs[4] = {got.data(), got.data() + n, got.data() + 2 * n, got.data() + 3 * n};
+      // Every kernel this CPU can run: portable, AVX2, AVX-512; one query at a time and four.
+      using One = void (*)(const int16_t*, const int8_t*, size_t, size_t, int32_t*);
+      using Four = void (*)(const int16_t* const*, const int8_t*, size_t, size_t, int32_t* const*);
+      std::vector<std::pair<One, Four>> kernels = {{patchify::detail::dots_to_int8_rows_generic, nullptr}};
 #if PATCHIFY_X86
-      if (patchify::has_avx2()) {
-        std::fill(got.begin(), got.end(), 0);
-        for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows_avx2(qs[t], rows.data(), n, d, outs[t]);
-        CHECK(got == ref);
-        std::fill(got.begin(), got.end(), 0);
-        patchify::detail::dots_4q_int8_rows_avx2(qs, rows.data(), n, d, outs);
-        CHECK(got == ref);
-      }
-      if (patchify::has_avx512_vnni()) {
-        std::fill(got.begin(), got.end(), 0);
-        for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows_avx512(qs[t], rows.data(), n, d, outs[t]);
-        CHECK(got == ref);
-        std::fill(got.begin(), got.end(), 0);
-        patchify::detail::dots_4q_int8_rows_avx512(qs, rows.data(), n, d, outs);
-        CHECK(got == ref);
-      }
+      if (patchify::has_avx2())
+        kernels.emplace_back(patchify::detail::dots_to_int8_rows_avx2, patchify::detail::dots_4q_int8_rows_avx2);
+      if (patchify::has_avx512_vnni())
+        kernels.emplace_back(patchify::detail::dots_to_int8_rows_avx512, patchify::detail::dots_4q_int8_rows_avx512);
 #endif
+      for (const auto& [one, four] : kernels) {
+        std::fill(got.begin(), got.end(), 0);
+        for (size_t t = 0; t < 4; ++t) one(qs[t], rows.data(), n, d, outs[t]);
+        CHECK(got == ref);
+        if (four == nullptr) continue;
+        std::fill(got.begin(), got.end(), 0);
+        four(qs, rows.data(), n, d, outs);
+        CHECK(got == ref);
+      }
       // The dispatchers, portable and not.
       for (bool portable : {false, true}) {
         std::fill(got.begin(), got.end(), 0);

@@ -139,7 +139,7 @@ inline void dots_to_rows(const float* q, const float* rows, size_t n, size_t d, 
 }
 
 // One row's exact dot product, summed exactly as dots_to_rows sums it (the same kernel choice): the one-query
-// coarse search rescores its float16 shortlist with it and must reproduce the fp32 scores bit for bit.
+// coarse search rescores its int8 prefilter's shortlist with it and must reproduce the fp32 scores bit for bit.
 inline float row_dot(const float* q, const float* r, size_t d) {
 #if PATCHIFY_X86
   if (patchify::has_avx2_fma()) return row_dot_avx2(q, r, d);
@@ -147,18 +147,22 @@ inline float row_dot(const float* q, const float* r, size_t d) {
   return dot(q, r, d);
 }
 
+// The scalar tail of one row's integer dot product: sum over i in [from, d) of q[i] * row[i] (the SIMD kernels'
+// leftover codes past their last full vector).
+inline int32_t int8_tail_dot(const int16_t* q, const int8_t* row, size_t from, size_t d) {
+  int32_t s = 0;
+  for (size_t i = from; i < d; ++i) s += int32_t(q[i]) * row[i];
+  return s;
+}
+
 // Approximate coarse scores from int8 centroids: out[j] = sum_i q[i] * rows[j][i], the query quantised to int16
 // and each centroid to int8 (scaled per row by the caller), summed exactly in int32 (the caller keeps
 // |q[i]| <= int8_query_limit(d), so no sum overflows). A quarter of the bytes of the fp32 centroids (the one-query
 // coarse search streams all of them per query, so bytes are its cost) and twice the float16 kernel's throughput
 // (measured at 4096 x 384: 46 vs 101 us); the caller bounds the error and rescores the shortlist exactly. Integer
-// sums are exact, so the portable and AVX2 kernels give the same numbers.
+// sums are exact, so the portable and SIMD kernels give the same numbers.
 inline void dots_to_int8_rows_generic(const int16_t* q, const int8_t* rows, size_t n, size_t d, int32_t* out) {
-  for (size_t j = 0; j < n; ++j) {
-    int32_t s = 0;
-    for (size_t i = 0; i < d; ++i) s += int32_t(q[i]) * rows[j * d + i];
-    out[j] = s;
-  }
+  for (size_t j = 0; j < n; ++j) out[j] = int8_tail_dot(q, rows + j * d, 0, d);
 }
 
 // The largest |query code| that keeps every int32 sum of d products with |row code| <= 127 exact (<= int16 max).
@@ -208,16 +212,10 @@ __attribute__((target("avx2"))) inline void dots_to_int8_rows_avx2(const int16_t
       a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(qv, load_int8x16(r3 + i)));
     }
     int32_t s0 = hsum_epi32_avx2(a0), s1 = hsum_epi32_avx2(a1), s2 = hsum_epi32_avx2(a2), s3 = hsum_epi32_avx2(a3);
-    for (size_t i = d16; i < d; ++i) {
-      s0 += int32_t(q[i]) * r0[i];
-      s1 += int32_t(q[i]) * r1[i];
-      s2 += int32_t(q[i]) * r2[i];
-      s3 += int32_t(q[i]) * r3[i];
-    }
-    out[j] = s0;
-    out[j + 1] = s1;
-    out[j + 2] = s2;
-    out[j + 3] = s3;
+    out[j] = s0 + int8_tail_dot(q, r0, d16, d);
+    out[j + 1] = s1 + int8_tail_dot(q, r1, d16, d);
+    out[j + 2] = s2 + int8_tail_dot(q, r2, d16, d);
+    out[j + 3] = s3 + int8_tail_dot(q, r3, d16, d);
   }
   dots_to_int8_rows_generic(q, rows + j * d, n - j, d, out + j);
 }
@@ -237,16 +235,10 @@ __attribute__((target("avx2"))) inline void dots_4q_int8_rows_avx2(const int16_t
       a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[3] + i)), c));
     }
     int32_t s0 = hsum_epi32_avx2(a0), s1 = hsum_epi32_avx2(a1), s2 = hsum_epi32_avx2(a2), s3 = hsum_epi32_avx2(a3);
-    for (size_t i = d16; i < d; ++i) {
-      s0 += int32_t(q[0][i]) * r[i];
-      s1 += int32_t(q[1][i]) * r[i];
-      s2 += int32_t(q[2][i]) * r[i];
-      s3 += int32_t(q[3][i]) * r[i];
-    }
-    out[0][j] = s0;
-    out[1][j] = s1;
-    out[2][j] = s2;
-    out[3][j] = s3;
+    out[0][j] = s0 + int8_tail_dot(q[0], r, d16, d);
+    out[1][j] = s1 + int8_tail_dot(q[1], r, d16, d);
+    out[2][j] = s2 + int8_tail_dot(q[2], r, d16, d);
+    out[3][j] = s3 + int8_tail_dot(q[3], r, d16, d);
   }
 }
 
@@ -291,16 +283,10 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vnni"))) inline void dots_to_
     }
     int32_t s0 = hsum_epi32_avx512(a0), s1 = hsum_epi32_avx512(a1);
     int32_t s2 = hsum_epi32_avx512(a2), s3 = hsum_epi32_avx512(a3);
-    for (size_t i = d32; i < d; ++i) {
-      s0 += int32_t(q[i]) * r0[i];
-      s1 += int32_t(q[i]) * r1[i];
-      s2 += int32_t(q[i]) * r2[i];
-      s3 += int32_t(q[i]) * r3[i];
-    }
-    out[j] = s0;
-    out[j + 1] = s1;
-    out[j + 2] = s2;
-    out[j + 3] = s3;
+    out[j] = s0 + int8_tail_dot(q, r0, d32, d);
+    out[j + 1] = s1 + int8_tail_dot(q, r1, d32, d);
+    out[j + 2] = s2 + int8_tail_dot(q, r2, d32, d);
+    out[j + 3] = s3 + int8_tail_dot(q, r3, d32, d);
   }
   dots_to_int8_rows_generic(q, rows + j * d, n - j, d, out + j);
 }
@@ -320,16 +306,10 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vnni"))) inline void dots_4q_
     }
     int32_t s0 = hsum_epi32_avx512(a0), s1 = hsum_epi32_avx512(a1);
     int32_t s2 = hsum_epi32_avx512(a2), s3 = hsum_epi32_avx512(a3);
-    for (size_t i = d32; i < d; ++i) {
-      s0 += int32_t(q[0][i]) * r[i];
-      s1 += int32_t(q[1][i]) * r[i];
-      s2 += int32_t(q[2][i]) * r[i];
-      s3 += int32_t(q[3][i]) * r[i];
-    }
-    out[0][j] = s0;
-    out[1][j] = s1;
-    out[2][j] = s2;
-    out[3][j] = s3;
+    out[0][j] = s0 + int8_tail_dot(q[0], r, d32, d);
+    out[1][j] = s1 + int8_tail_dot(q[1], r, d32, d);
+    out[2][j] = s2 + int8_tail_dot(q[2], r, d32, d);
+    out[3][j] = s3 + int8_tail_dot(q[3], r, d32, d);
   }
 }
 #endif

@@ -21,6 +21,14 @@ inline bool better(const ImageHit& a, const ImageHit& b) {
   return a.score > b.score || (a.score == b.score && a.image < b.image);
 }
 
+// The hits best first, moved out (the collectors below are left empty).
+inline std::vector<ImageHit> take_sorted_hits(std::vector<ImageHit>& hits) {
+  std::sort(hits.begin(), hits.end(), better);
+  std::vector<ImageHit> out;
+  out.swap(hits);
+  return out;
+}
+
 // Keeps the k best hits seen so far (a min-heap on "better"), for scans that see candidates one by one.
 // Reserves k entries up front: callers pass k bounded by the candidates they can see (min(k, images)), never a
 // user's k as is, so a huge k cannot allocate.
@@ -48,10 +56,7 @@ class TopKCollector {
 
   // Best first. Leaves the collector empty.
   std::vector<ImageHit> take_sorted() {
-    std::sort(heap_.begin(), heap_.end(), better);
-    std::vector<ImageHit> out;
-    out.swap(heap_);
-    return out;
+    return take_sorted_hits(heap_);
   }
 
  private:
@@ -126,10 +131,7 @@ class SmallTopImages {
   }
 
   std::vector<ImageHit> take_sorted() {
-    std::sort(hits_.begin(), hits_.end(), better);
-    std::vector<ImageHit> out;
-    out.swap(hits_);
-    return out;
+    return take_sorted_hits(hits_);
   }
 
  private:
