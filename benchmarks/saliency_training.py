@@ -108,10 +108,7 @@ def gt_aligned_training(data, encoder, level: int, size: int) -> np.ndarray | No
     crops = []
     for i in sorted(gt):
         pixels = load_rgb(data.database[i])
-        for box in sorted(gt[i]):
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            crops.append(encoder.query(np.ascontiguousarray(pixels[max(0, y0):max(y0 + 1, y1),
-                                                                   max(0, x0):max(x0 + 1, x1)])))
+        crops += [encoder.query(sets_module.crop_to_box(pixels, box)) for box in sorted(gt[i])]
     keep = data.grid <= level + 1
     picked = select_training_vectors("gt-aligned", data.vectors[keep], data.image[keep],
                                      boxes=(data.boxes[keep], {i: sorted(b) for i, b in gt.items()}),

@@ -187,7 +187,7 @@ def _encode_database(enc: Encoder, paths: Sequence[Path], log: Callable[[str], N
     return np.concatenate(vecs), np.concatenate(image), np.concatenate(grid), np.concatenate(boxes)
 
 
-def _crop_to_box(pixels: np.ndarray, box) -> np.ndarray:
+def crop_to_box(pixels: np.ndarray, box) -> np.ndarray:
     if box is None:
         return pixels
     x0, y0, x1, y1 = (int(round(v)) for v in box)
@@ -199,7 +199,7 @@ def encode_retrieval_set(enc: Encoder, name: str, dataset, log, max_level: int =
     from patchify import load_rgb
 
     log(f"{name}: {len(dataset.queries)} queries, {len(dataset.database)} database images")
-    queries = np.stack([enc.query(_crop_to_box(load_rgb(q), dataset.query_boxes[i]))
+    queries = np.stack([enc.query(crop_to_box(load_rgb(q), dataset.query_boxes[i]))
                         for i, q in enumerate(dataset.queries)])
     vectors, image, grid, boxes = _encode_database(enc, dataset.database, log, name, max_level)
     gt = [{int(i): [tuple(b) for b in bx] for i, bx in d.items()} for d in dataset.boxes]

@@ -58,6 +58,8 @@ def default_rerank_shortlist(k: int, nbits: int) -> int:
     """Images the first stage of a top-k IVFPQ search hands to the second when `rerank_shortlist` is not set."""
     shortlist = max(RERANK_SHORTLIST_FACTOR * k, RERANK_MIN_SHORTLIST)
     return shortlist * RERANK_4BIT_DEPTH if nbits <= 4 else shortlist
+
+
 # faiss's k-means warns below 39 training points per centroid (and the clustering degrades): we make it an error.
 MIN_POINTS_PER_CENTROID = 39
 # Most vectors any training step (IVFPQ codebooks, whitening) learns from: a uniform sample beyond that. faiss's
