@@ -352,7 +352,8 @@ void test_int8_kernels() {
       for (bool portable : {false, true}) {
         std::fill(got.begin(), got.end(), 0);
         if (!patchify::detail::dots_4q_int8_rows(qs, rows.data(), n, d, outs, portable))
-          for (size_t t = 0; t < 4; ++t) patchify::detail::dots_to_int8_rows(qs[t], rows.data(), n, d, outs[t], portable);
+          for (size_t t = 0; t < 4; ++t)
+            patchify::detail::dots_to_int8_rows(qs[t], rows.data(), n, d, outs[t], portable);
         CHECK(got == ref);
       }
     }

@@ -167,7 +167,8 @@ inline void dots_to_int8_rows_generic(const int16_t* q, const int8_t* rows, size
 
 // The largest |query code| that keeps every int32 sum of d products with |row code| <= 127 exact (<= int16 max).
 inline int32_t int8_query_limit(size_t d) {
-  const int64_t limit = (int64_t(std::numeric_limits<int32_t>::max()) / 127) / static_cast<int64_t>(std::max<size_t>(d, 1));
+  const int64_t limit =
+      (int64_t(std::numeric_limits<int32_t>::max()) / 127) / static_cast<int64_t>(std::max<size_t>(d, 1));
   return static_cast<int32_t>(std::min<int64_t>(limit, std::numeric_limits<int16_t>::max()));
 }
 

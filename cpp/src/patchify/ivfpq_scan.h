@@ -257,7 +257,8 @@ class IVFPQScanner {
         std::vector<float> approx(nlist_);
         for (size_t u = 0; u < quantised.size(); ++u) {
           const size_t qi = quantised[u];
-          select_int8(queries + qi * dim_, qz[qi - q0], acc.data() + u * nlist_, n, approx.data(), probes + qi * nprobe);
+          select_int8(queries + qi * dim_, qz[qi - q0], acc.data() + u * nlist_, n, approx.data(),
+                      probes + qi * nprobe);
           for (size_t j = n; j < nprobe; ++j) probes[qi * nprobe + j] = -1;
         }
       } else {
@@ -294,7 +295,8 @@ class IVFPQScanner {
     std::pair<int64_t, float> pending[kPending];
     size_t n_pending = 0;
     auto flush = [&]() {
-      for (size_t i = 0; i < n_pending; ++i) visit(pending[i].first, image_of_patch(pending[i].first), pending[i].second);
+      for (size_t i = 0; i < n_pending; ++i)
+        visit(pending[i].first, image_of_patch(pending[i].first), pending[i].second);
       n_pending = 0;
     };
     for (size_t p = 0; p < nprobe; ++p) {
@@ -530,7 +532,8 @@ class IVFPQScanner {
       const float scale = static_cast<float>(peak / 127.0);
       double c2 = 0, f2 = 0, h2 = 0;
       for (size_t i = 0; i < dim_; ++i) {
-        const double code = scale > 0 ? std::clamp(round_nearest(static_cast<double>(c[i]) / scale), -127.0, 127.0) : 0.0;
+        const double code =
+            scale > 0 ? std::clamp(round_nearest(static_cast<double>(c[i]) / scale), -127.0, 127.0) : 0.0;
         coarse_i8_[j * dim_ + i] = static_cast<int8_t>(code);
         const double h = static_cast<double>(scale) * code;
         c2 += static_cast<double>(c[i]) * c[i];
