@@ -75,6 +75,36 @@ def test_scorer_is_the_max_over_each_images_patches_of_the_decoded_rows(codec):
 
 
 @pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_top_over_images_is_max_over_images_sorted_in_numpy(codec):
+    """The C++ selection against numpy's stable argsort of max_over_images (what the two-stage search did before):
+    same order, ties (an image listed twice) in candidate order, first-stage scores carried, blanks last."""
+    x, images = clustered(50)
+    store = RerankStore(DIM, codec)
+    store.train(x)
+    store.add(x, np.arange(len(x)))
+    q = queries(x, 3)
+    patches = ImagePatches(images.astype(np.int32), 50)
+    candidates = np.array([[7, 2, 31, 2, 9], [0, -1, 49, -1, 3], [5, 5, 6, 40, 5]])
+    first = np.arange(15, dtype=np.float32).reshape(3, 5) + 100
+    best, winners = store.max_over_images(q, candidates, patches)
+    for k in (0, 1, 3, 5):
+        order = np.argsort(-best, axis=1, kind="stable")[:, :k]
+        found = np.isfinite(np.take_along_axis(best, order, axis=1))
+        got = store.top_over_images(q, candidates, first, k, patches)
+        expected = (np.where(found, np.take_along_axis(first, order, axis=1), -np.inf),
+                    np.take_along_axis(best, order, axis=1),
+                    np.where(found, np.take_along_axis(candidates, order, axis=1), -1),
+                    np.where(found, np.take_along_axis(winners, order, axis=1), -1))
+        for g, e in zip(got, expected):
+            assert g.shape == (3, k)
+            np.testing.assert_array_equal(g, e)
+    with pytest.raises(ValueError, match="k: expected 0 <= k <= 5"):
+        store.top_over_images(q, candidates, first, 6, patches)
+    with pytest.raises(ValueError, match="candidate_scores"):
+        store.top_over_images(q, candidates, first[:, :4], 2, patches)
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8"])
 def test_second_stage_over_every_image_equals_exact_search(codec):
     index, x, images = trained(codec, rerank_shortlist=2000)  # the shortlist is every image: no first-stage loss
     q = queries(x)

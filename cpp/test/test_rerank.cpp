@@ -1,6 +1,7 @@
 // The re-rank scorer (patchify/rerank.h) against a reference that decodes every row first (float16 with
 // half_to_float, int8 with faiss's QT_8bit formula written out) and takes the max per image in plain loops; rows
-// split between a base and a tail segment; -1 candidates; bad ids rejected.
+// split between a base and a tail segment; -1 candidates; bad ids rejected. rerank_top against rerank_max and a
+// stable sort.
 #include "patchify/rerank.h"
 
 #include <algorithm>
@@ -111,6 +112,40 @@ void check_codec(const Data& d, RerankCodec codec, size_t split, int threads, bo
   }
 }
 
+// rerank_top against rerank_max + a stable sort by score written here: same slots, same order (ties in candidate
+// order), the carried first-stage scores follow their images, empty slots last as -inf / -1.
+void check_top(const Data& d, RerankCodec codec, size_t k, int threads) {
+  const size_t cs = codec == RerankCodec::kFloat16 ? 2 * d.dim : d.dim;
+  const uint8_t* all = codec == RerankCodec::kFloat16 ? d.codes16.data() : d.codes8.data();
+  RerankRows rows{all, d.n_rows, nullptr, 0, cs};
+  std::vector<float> best(d.nq * d.r), first(d.nq * d.r);
+  std::vector<int64_t> winner(d.nq * d.r);
+  for (size_t i = 0; i < first.size(); ++i) first[i] = 100.f + static_cast<float>(i);  // traceable
+  patchify::rerank_max(codec, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(), d.n_images,
+                       d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), d.nq, d.candidates.data(), d.r,
+                       best.data(), winner.data(), 1);
+  std::vector<float> top_first(d.nq * k), top_scores(d.nq * k);
+  std::vector<int64_t> top_images(d.nq * k), top_patches(d.nq * k);
+  patchify::rerank_top(codec, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(), d.n_images,
+                       d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), d.nq, d.candidates.data(),
+                       first.data(), d.r, k, top_first.data(), top_scores.data(), top_images.data(),
+                       top_patches.data(), threads);
+  for (size_t qi = 0; qi < d.nq; ++qi) {
+    std::vector<size_t> order(d.r);
+    for (size_t j = 0; j < d.r; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return best[qi * d.r + a] > best[qi * d.r + b]; });
+    for (size_t i = 0; i < k; ++i) {
+      const size_t j = qi * d.r + order[i], o = qi * k + i;
+      const bool found = winner[j] >= 0;
+      CHECK(top_scores[o] == best[j]);
+      CHECK(top_images[o] == (found ? d.candidates[j] : -1));
+      CHECK(top_patches[o] == winner[j]);
+      CHECK(found ? top_first[o] == first[j] : (std::isinf(top_first[o]) && top_first[o] < 0));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -119,6 +154,16 @@ int main() {
     for (size_t split : {size_t{0}, d.n_rows / 3, d.n_rows})
       for (int threads : {1, 3})
         for (bool simd : {false, true}) check_codec(d, codec, split, threads, simd);  // portable and AVX2
+  const Data ties = [] {  // every query's candidates: the same images twice, and -1s, so ties and blanks are sorted
+    Data t = make();
+    for (size_t qi = 0; qi < t.nq; ++qi)
+      for (size_t j = 0; j < t.r; ++j) t.candidates[qi * t.r + j] = t.candidates[qi * t.r + j / 2];
+    return t;
+  }();
+  for (const Data* data : {&d, &ties})
+    for (RerankCodec codec : {RerankCodec::kFloat16, RerankCodec::kInt8})
+      for (size_t k : {size_t{0}, size_t{1}, size_t{3}, d.r})
+        for (int threads : {1, 3}) check_top(*data, codec, k, threads);
 
   // Bad input is refused, not read out of bounds.
   RerankRows rows{d.codes8.data(), d.n_rows, nullptr, 0, d.dim};
@@ -139,6 +184,18 @@ int main() {
     patchify::rerank_max(RerankCodec::kFloat16, d.dim, rows, nullptr, nullptr, d.starts.data(), d.n_images,
                          d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1, d.candidates.data(), 1,
                          best.data(), winner.data(), 1);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+  threw = false;
+  try {  // more results than candidates
+    std::vector<float> first(d.r), out(d.r + 1);
+    std::vector<int64_t> ids(d.r + 1);
+    patchify::rerank_top(RerankCodec::kInt8, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(),
+                         d.n_images, d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1,
+                         d.candidates.data(), first.data(), d.r, d.r + 1, out.data(), out.data(), ids.data(),
+                         ids.data(), 1);
   } catch (const std::invalid_argument&) {
     threw = true;
   }

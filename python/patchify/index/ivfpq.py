@@ -348,14 +348,8 @@ class IVFPQIndex:
         first_scores, first_images, _ = self._first_stage(q, width)
         if self._image_patches is None:
             self._image_patches = ImagePatches(self._map, self._num_images)
-        best, winners = self._rerank.max_over_images(q, first_images, self._image_patches, self.num_threads)
-        order = np.argsort(-best, axis=1, kind="stable")[:, :k]  # -inf (no image) sorts last
-        scores = np.take_along_axis(best, order, axis=1)
-        found = np.isfinite(scores)
-        images = np.where(found, np.take_along_axis(first_images, order, axis=1), -1)
-        patches = np.where(found, np.take_along_axis(winners, order, axis=1), -1)
-        first = np.where(found, np.take_along_axis(first_scores, order, axis=1), -np.inf).astype(np.float32)
-        return first, scores, images, patches
+        return self._rerank.top_over_images(q, first_images, first_scores, min(k, first_images.shape[1]),
+                                            self._image_patches, self.num_threads)
 
     def _nprobe(self) -> int:
         return max(1, min(int(self.nprobe), int(self._index.nlist)))

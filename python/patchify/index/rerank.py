@@ -152,6 +152,18 @@ class RerankStore:
                                 np.ascontiguousarray(queries, np.float32),
                                 np.ascontiguousarray(candidates, np.int64), num_threads)
 
+    def top_over_images(self, queries: np.ndarray, candidates: np.ndarray, candidate_scores: np.ndarray, k: int,
+                        image_patches: "ImagePatches", num_threads: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`max_over_images`, then each query's k best candidates by that score, best first (ties in candidate
+        order), in one C++ call: (first-stage scores carried from candidate_scores, scores, image ids, patch ids),
+        (nq, k) each, -inf / -1 where no image. k <= candidates.shape[1]."""
+        return _core.rerank_top(self.codec, np.ascontiguousarray(self._base), self._tail[:self._n_tail],
+                                self._vmin, self._vdiff, image_patches.starts, image_patches.patch_ids,
+                                np.ascontiguousarray(queries, np.float32),
+                                np.ascontiguousarray(candidates, np.int64),
+                                np.ascontiguousarray(candidate_scores, np.float32), int(k), num_threads)
+
     # ------------------------------------------------------------------ persistence
     def save_files(self, directory: Path) -> list[str]:
         directory = Path(directory)
