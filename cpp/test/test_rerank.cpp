@@ -169,37 +169,23 @@ int main() {
   RerankRows rows{d.codes8.data(), d.n_rows, nullptr, 0, d.dim};
   std::vector<float> best(1);
   std::vector<int64_t> winner(1);
-  bool threw = false;
   const int64_t too_big = static_cast<int64_t>(d.n_images);
-  try {
-    patchify::rerank_max(RerankCodec::kInt8, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(),
-                         d.n_images, d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1, &too_big, 1,
-                         best.data(), winner.data(), 1);
-  } catch (const std::out_of_range&) {
-    threw = true;
-  }
-  CHECK(threw);
-  threw = false;
-  try {  // float16 codes claimed with the int8 row size
-    patchify::rerank_max(RerankCodec::kFloat16, d.dim, rows, nullptr, nullptr, d.starts.data(), d.n_images,
-                         d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1, d.candidates.data(), 1,
-                         best.data(), winner.data(), 1);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  CHECK(threw);
-  threw = false;
-  try {  // more results than candidates
-    std::vector<float> first(d.r), out(d.r + 1);
-    std::vector<int64_t> ids(d.r + 1);
-    patchify::rerank_top(RerankCodec::kInt8, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(),
-                         d.n_images, d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1,
-                         d.candidates.data(), first.data(), d.r, d.r + 1, out.data(), out.data(), ids.data(),
-                         ids.data(), 1);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  CHECK(threw);
+  CHECK_THROWS(patchify::rerank_max(RerankCodec::kInt8, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(),
+                                    d.n_images, d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1,
+                                    &too_big, 1, best.data(), winner.data(), 1),
+               std::out_of_range);
+  // float16 codes claimed with the int8 row size
+  CHECK_THROWS(patchify::rerank_max(RerankCodec::kFloat16, d.dim, rows, nullptr, nullptr, d.starts.data(),
+                                    d.n_images, d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1,
+                                    d.candidates.data(), 1, best.data(), winner.data(), 1),
+               std::invalid_argument);
+  std::vector<float> first(d.r), out(d.r + 1);  // more results than candidates
+  std::vector<int64_t> ids(d.r + 1);
+  CHECK_THROWS(patchify::rerank_top(RerankCodec::kInt8, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(),
+                                    d.n_images, d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1,
+                                    d.candidates.data(), first.data(), d.r, d.r + 1, out.data(), out.data(),
+                                    ids.data(), ids.data(), 1),
+               std::invalid_argument);
   std::printf("re-rank scorer checked against decode-then-dot for float16 and int8 rows\n");
   return TEST_MAIN_RESULT();
 }

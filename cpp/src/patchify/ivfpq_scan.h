@@ -227,8 +227,8 @@ class IVFPQScanner {
   void coarse_probe_exhaustive(const float* query, size_t nprobe, float* scores_scratch, int64_t* probes) const {
     detail::dots_to_rows(query, coarse_.data(), nlist_, dim_, scores_scratch);
     const size_t n = std::min(nprobe, nlist_);
-    std::vector<int64_t> order;  // filled by top_lists
-    top_lists(scores_scratch, n, order);
+    std::vector<int64_t> order;  // filled by top_indices
+    top_indices(scores_scratch, nlist_, n, order);
     for (size_t j = 0; j < nprobe; ++j) probes[j] = j < n ? order[j] : -1;
   }
 
@@ -473,9 +473,9 @@ class IVFPQScanner {
       }
       detail::dots_queries_to_rows(qs.data(), m, coarse_.data() + r0 * dim_, rows, dim_, out.data());
     }
-    std::vector<int64_t> order;  // filled by top_lists, reused across the block
+    std::vector<int64_t> order;  // filled by top_indices, reused across the block
     for (size_t u = 0; u < m; ++u) {
-      top_lists(scores.data() + u * nlist_, n, order);
+      top_indices(scores.data() + u * nlist_, nlist_, n, order);
       for (size_t j = 0; j < nprobe; ++j) probes[which[u] * nprobe + j] = j < n ? order[j] : -1;
     }
   }
@@ -666,14 +666,6 @@ class IVFPQScanner {
     std::partial_sort(cand.begin(), cand.begin() + static_cast<std::ptrdiff_t>(n), cand.end(), better);
     for (size_t j = 0; j < n; ++j) probes[j] = cand[j].second;
     return cand.size();
-  }
-
-  // order[0..n) = the n lists with the largest scores (ties -> smaller list id).
-  void top_lists(const float* scores, size_t n, std::vector<int64_t>& order) const {
-    order.resize(nlist_);
-    for (size_t j = 0; j < nlist_; ++j) order[j] = static_cast<int64_t>(j);
-    auto better_list = [&](int64_t a, int64_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
-    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(n), order.end(), better_list);
   }
 
   int32_t image_of(const InvertedListView& list, size_t j) const {

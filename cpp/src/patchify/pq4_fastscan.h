@@ -23,7 +23,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
-#include <stdexcept>
 #include <vector>
 
 #include "patchify/cpu_features.h"
@@ -50,8 +49,8 @@ constexpr uint8_t kPq4Perm[16] = {0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14,
 
 }  // namespace detail
 
-// The code of vector v (position in its list) for sub-quantiser m: reads one nibble of the packed layout (the
-// test hook and tools; the kernels never unpack).
+// The code of vector v (position in its list) for sub-quantiser m: reads one nibble of the packed layout (for the
+// tests; the kernels never unpack).
 inline uint8_t pq4_packed_code(const uint8_t* list_codes, size_t M, size_t v, size_t m) {
   const uint8_t* block = list_codes + (v / kPq4BlockVectors) * pq4_block_bytes(M);
   const size_t in_block = v % kPq4BlockVectors;
@@ -61,8 +60,8 @@ inline uint8_t pq4_packed_code(const uint8_t* list_codes, size_t M, size_t v, si
   return in_block >= 16 ? static_cast<uint8_t>(packed >> 4) : static_cast<uint8_t>(packed & 15);
 }
 
-// Writes the code of vector v for sub-quantiser m into a packed list (the inverse of pq4_packed_code; C++ tests
-// build lists with it).
+// Writes the code of vector v for sub-quantiser m into a packed list (the inverse of pq4_packed_code; the layout
+// test round-trips faiss's packing through it).
 inline void pq4_set_packed_code(uint8_t* list_codes, size_t M, size_t v, size_t m, uint8_t code) {
   uint8_t* block = list_codes + (v / kPq4BlockVectors) * pq4_block_bytes(M);
   const size_t in_block = v % kPq4BlockVectors;

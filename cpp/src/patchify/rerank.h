@@ -10,7 +10,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -21,6 +20,7 @@
 #include "patchify/cpu_features.h"
 #include "patchify/half.h"
 #include "patchify/parallel.h"
+#include "patchify/topk.h"
 
 #if PATCHIFY_X86
 #include <immintrin.h>
@@ -200,7 +200,8 @@ inline void rerank_max(RerankCodec codec, size_t dim, const RerankRows& rows, co
 // numpy, saves a two-stage query the ~0.1 ms that half a dozen numpy calls cost when each runs with cold caches
 // after the scan. candidate_scores (nq, r): the first stage's score of each candidate, carried along. Writes
 // (nq, k) each, k <= r: out_first (the carried score), out_scores, out_images, out_patches; a slot with no image
-// (a -1 candidate, an image without patches, a NaN score) holds -inf, -inf, -1, -1 and sorts last.
+// (a -1 candidate, an image without patches or whose patches all score NaN) holds -inf, -inf, -1, -1 and sorts
+// last.
 inline void rerank_top(RerankCodec codec, size_t dim, const RerankRows& rows, const float* vmin, const float* vdiff,
                        const int64_t* starts, size_t n_images, const int64_t* patch_ids, size_t n_patch_ids,
                        const float* queries, size_t nq, const int64_t* candidates, const float* candidate_scores,
@@ -217,19 +218,15 @@ inline void rerank_top(RerankCodec codec, size_t dim, const RerankRows& rows, co
     const int64_t* cand = candidates + qi * r;
     detail::rerank_query("rerank_top", codec, dim, rows, vmin, vdiff, starts, n_images, patch_ids, n_patch_ids,
                          queries + qi * dim, cand, r, best.data(), winner.data(), simd, weights);
-    for (size_t j = 0; j < r; ++j)  // NaN (from NaN rows) would break the ordering: it counts as no image
-      if (std::isnan(best[j])) best[j] = kNone, winner[j] = -1;
-    std::vector<uint32_t> order(r);
-    for (size_t j = 0; j < r; ++j) order[j] = static_cast<uint32_t>(j);
-    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
-                      [&](uint32_t a, uint32_t b) { return best[a] > best[b] || (best[a] == best[b] && a < b); });
+    std::vector<uint32_t> order;
+    top_indices(best.data(), r, k, order);  // best is never NaN: rerank_query keeps only scores above -inf
     for (size_t i = 0; i < k; ++i) {
       const size_t j = order[i], o = qi * k + i;
-      const bool found = winner[j] >= 0;
+      const bool found = winner[j] >= 0;  // else best[j] is -inf and winner[j] -1 already
       out_first[o] = found ? candidate_scores[qi * r + j] : kNone;
-      out_scores[o] = found ? best[j] : kNone;
+      out_scores[o] = best[j];
       out_images[o] = found ? cand[j] : -1;
-      out_patches[o] = found ? winner[j] : -1;
+      out_patches[o] = winner[j];
     }
   });
 }

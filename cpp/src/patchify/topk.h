@@ -21,6 +21,17 @@ inline bool better(const ImageHit& a, const ImageHit& b) {
   return a.score > b.score || (a.score == b.score && a.image < b.image);
 }
 
+// order[0..k) = the indices of the k largest of scores[0..n), best first; ties -> the smaller index (what a stable
+// sort by descending score gives). order is resized to n; k <= n.
+template <class Index>
+inline void top_indices(const float* scores, size_t n, size_t k, std::vector<Index>& order) {
+  order.resize(n);
+  for (size_t j = 0; j < n; ++j) order[j] = static_cast<Index>(j);
+  std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(), [&](Index a, Index b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  });
+}
+
 // The hits best first, moved out (the collectors below are left empty).
 inline std::vector<ImageHit> take_sorted_hits(std::vector<ImageHit>& hits) {
   std::sort(hits.begin(), hits.end(), better);
@@ -191,7 +202,7 @@ class SmallTopImages {
   void improved(size_t slot) {
     if (hashed()) {
       sift_down(position_[slot]);  // a better entry moves away from the worst end
-      if (hits_.size() == k_) threshold_ = hits_[heap_.front()].score;
+      if (hits_.size() == k_) refresh_worst();
     } else if (hits_.size() == k_ && slot == worst_) {
       refresh_worst();
     }
