@@ -317,9 +317,9 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vnni"))) inline void dots_4q_
 
 // for_each_above(v, n, threshold, f): f(j) for every j, in order, with v[j] > threshold(), where f may raise the
 // threshold as it goes (the coarse prefilter's running n-th largest lower bound; an "at least t" pass is
-// for_each_above with nextafter(t, -inf)). Few values pass (a few dozen of 4096), so the AVX2 version compares eight
-// at a time and goes to the scalar test only for blocks with a passing lane (measured at 4096 lists: 6 and 5 us -> ~1 us each,
-// of a ~50 us coarse search).
+// for_each_above with nextafter(t, -inf)). Few values pass (a few dozen of 4096), so the AVX2 version compares
+// eight at a time and goes to the scalar test only for blocks with a passing lane (measured at 4096 lists: 6 and
+// 5 us -> ~1 us each, of a ~50 us coarse search).
 template <class Threshold, class F>
 void for_each_above_portable(const float* v, size_t n, Threshold&& threshold, F&& f) {
   for (size_t j = 0; j < n; ++j)
