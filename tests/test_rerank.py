@@ -8,7 +8,8 @@ import pytest
 from patchify.config import default_rerank_shortlist
 from patchify.index.flat import numpy_reference_search
 from patchify.index.ivfpq import IVFPQIndex
-from patchify.index.rerank import ImagePatches, RerankStore
+from patchify.errors import CoreError
+from patchify.index.rerank import GlobalFusion, ImagePatches, RerankStore
 
 DIM, M = 32, 8
 
@@ -98,6 +99,27 @@ def test_top_over_images_is_max_over_images_sorted_in_numpy(codec):
         for g, e in zip(got, expected):
             assert g.shape == (3, k)
             np.testing.assert_array_equal(g, e)
+    # fused with each image's whole-image row (the numpy fusion the engine did before it moved into C++)
+    whole = np.array([np.flatnonzero(images == i)[0] if i % 4 else -1 for i in range(50)])
+    fusion = GlobalFusion(whole, 0.25)
+    has = candidates >= 0
+    whole_ids = np.where(has, whole[np.where(has, candidates, 0)], -1)
+    fused = best.copy()
+    rows, cols = np.nonzero(whole_ids >= 0)
+    g = np.einsum("nd,nd->n", store.rows(whole_ids[rows, cols]), q[rows])
+    fused[rows, cols] = 0.25 * g + 0.75 * best[rows, cols]
+    order = np.argsort(-fused, axis=1, kind="stable")
+    got_first, got_scores, got_images, got_patches = store.top_over_images(q, candidates, first, 5, patches,
+                                                                           fusion=fusion)
+    np.testing.assert_allclose(got_scores, np.take_along_axis(fused, order, axis=1), atol=1e-5)
+    np.testing.assert_array_equal(got_images, np.where(has, candidates, -1)[np.arange(3)[:, None], order])
+    np.testing.assert_array_equal(got_patches, np.take_along_axis(winners, order, axis=1))
+    np.testing.assert_array_equal(got_first, np.where(has, first, -np.inf)[np.arange(3)[:, None], order])
+    assert not np.array_equal(got_scores, store.top_over_images(q, candidates, first, 5, patches)[1])
+    with pytest.raises(ValueError, match="global_weight"):
+        store.top_over_images(q, candidates, first, 5, patches, fusion=GlobalFusion(whole, 1.5))
+    with pytest.raises(CoreError, match="whole_patch entries"):
+        store.top_over_images(q, candidates, first, 5, patches, fusion=GlobalFusion(whole[:10], 0.25))
     with pytest.raises(ValueError, match="k: expected 0 <= k <= 5"):
         store.top_over_images(q, candidates, first, 6, patches)
     with pytest.raises(ValueError, match="candidate_scores"):
@@ -194,7 +216,6 @@ def test_adds_between_searches_keep_the_second_stage_right():
 
 def test_the_binding_checks_every_array_and_id():
     from patchify import _core
-    from patchify.errors import CoreError
 
     rows = np.zeros((10, DIM), np.uint8)
     empty = np.zeros((0, DIM), np.uint8)

@@ -113,8 +113,9 @@ void check_codec(const Data& d, RerankCodec codec, size_t split, int threads, bo
 }
 
 // rerank_top against rerank_max + a stable sort by score written here: same slots, same order (ties in candidate
-// order), the carried first-stage scores follow their images, empty slots last as -inf / -1.
-void check_top(const Data& d, RerankCodec codec, size_t k, int threads) {
+// order), the carried first-stage scores follow their images, empty slots last as -inf / -1. weight > 0: each image's
+// score fused with its whole-image row (every third image has none), the reference row decoded and summed here.
+void check_top(const Data& d, RerankCodec codec, size_t k, int threads, double weight) {
   const size_t cs = codec == RerankCodec::kFloat16 ? 2 * d.dim : d.dim;
   const uint8_t* all = codec == RerankCodec::kFloat16 ? d.codes16.data() : d.codes8.data();
   RerankRows rows{all, d.n_rows, nullptr, 0, cs};
@@ -124,21 +125,35 @@ void check_top(const Data& d, RerankCodec codec, size_t k, int threads) {
   patchify::rerank_max(codec, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(), d.n_images,
                        d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), d.nq, d.candidates.data(), d.r,
                        best.data(), winner.data(), 1);
+  std::vector<int64_t> whole(d.n_images);
+  for (size_t i = 0; i < d.n_images; ++i) whole[i] = i % 3 == 0 ? -1 : static_cast<int64_t>((7 * i) % d.n_rows);
+  std::vector<float> expected = best;  // the score each candidate is ranked by
+  for (size_t qi = 0; qi < d.nq && weight > 0; ++qi)
+    for (size_t j = 0; j < d.r; ++j) {
+      const size_t c = qi * d.r + j;
+      if (winner[c] < 0 || whole[d.candidates[c]] < 0) continue;
+      const float g = reference_row(d, codec, whole[d.candidates[c]], &d.queries[qi * d.dim]);
+      expected[c] = static_cast<float>(weight) * g + static_cast<float>(1.0 - weight) * best[c];
+    }
   std::vector<float> top_first(d.nq * k), top_scores(d.nq * k);
   std::vector<int64_t> top_images(d.nq * k), top_patches(d.nq * k);
+  const patchify::GlobalFusion fusion{whole.data(), whole.size(), weight};
   patchify::rerank_top(codec, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(), d.n_images,
                        d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), d.nq, d.candidates.data(),
-                       first.data(), d.r, k, top_first.data(), top_scores.data(), top_images.data(),
+                       first.data(), d.r, k, fusion, top_first.data(), top_scores.data(), top_images.data(),
                        top_patches.data(), threads);
   for (size_t qi = 0; qi < d.nq; ++qi) {
     std::vector<size_t> order(d.r);
     for (size_t j = 0; j < d.r; ++j) order[j] = j;
     std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return best[qi * d.r + a] > best[qi * d.r + b]; });
+                     [&](size_t a, size_t b) { return expected[qi * d.r + a] > expected[qi * d.r + b]; });
     for (size_t i = 0; i < k; ++i) {
       const size_t j = qi * d.r + order[i], o = qi * k + i;
       const bool found = winner[j] >= 0;
-      CHECK(top_scores[o] == best[j]);
+      if (weight > 0 && found)
+        CHECK_NEAR(top_scores[o], expected[j], 1e-4 * (1.0 + std::fabs(expected[j])));
+      else
+        CHECK(top_scores[o] == expected[j]);
       CHECK(top_images[o] == (found ? d.candidates[j] : -1));
       CHECK(top_patches[o] == winner[j]);
       CHECK(found ? top_first[o] == first[j] : (std::isinf(top_first[o]) && top_first[o] < 0));
@@ -163,7 +178,8 @@ int main() {
   for (const Data* data : {&d, &ties})
     for (RerankCodec codec : {RerankCodec::kFloat16, RerankCodec::kInt8})
       for (size_t k : {size_t{0}, size_t{1}, size_t{3}, d.r})
-        for (int threads : {1, 3}) check_top(*data, codec, k, threads);
+        for (int threads : {1, 3})
+          for (double weight : {0.0, 0.25}) check_top(*data, codec, k, threads, weight);
 
   // Bad input is refused, not read out of bounds.
   RerankRows rows{d.codes8.data(), d.n_rows, nullptr, 0, d.dim};
@@ -183,9 +199,21 @@ int main() {
   std::vector<int64_t> ids(d.r + 1);
   CHECK_THROWS(patchify::rerank_top(RerankCodec::kInt8, d.dim, rows, d.vmin.data(), d.vdiff.data(), d.starts.data(),
                                     d.n_images, d.patch_ids.data(), d.patch_ids.size(), d.queries.data(), 1,
-                                    d.candidates.data(), first.data(), d.r, d.r + 1, out.data(), out.data(),
+                                    d.candidates.data(), first.data(), d.r, d.r + 1, {}, out.data(), out.data(),
                                     ids.data(), ids.data(), 1),
                std::invalid_argument);
+  // fusion: a whole_patch table shorter than the candidates' image ids, and a whole-image patch with no row
+  std::vector<int64_t> short_whole(1, 0), bad_whole(d.n_images, static_cast<int64_t>(d.n_rows));
+  std::vector<float> firsts(d.nq * d.r), outs(d.nq);
+  std::vector<int64_t> out_ids(d.nq);
+  for (const auto& w : {short_whole, bad_whole}) {
+    const patchify::GlobalFusion fusion{w.data(), w.size(), 0.5};
+    CHECK_THROWS(patchify::rerank_top(RerankCodec::kInt8, d.dim, rows, d.vmin.data(), d.vdiff.data(),
+                                      d.starts.data(), d.n_images, d.patch_ids.data(), d.patch_ids.size(),
+                                      d.queries.data(), d.nq, d.candidates.data(), firsts.data(), d.r, 1, fusion,
+                                      outs.data(), outs.data(), out_ids.data(), out_ids.data(), 1),
+                 std::out_of_range);
+  }
   std::printf("re-rank scorer checked against decode-then-dot for float16 and int8 rows\n");
   return TEST_MAIN_RESULT();
 }

@@ -25,6 +25,7 @@ from .encoder import EncodedBatch, Encoder
 from .fusion import fold, unfold, whole_image_rows
 from .images import ImageSource, list_image_files
 from .index.base import check_k
+from .index.rerank import GlobalFusion
 from .query_front import QueryFront
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
 from .training import select_training_vectors
@@ -562,10 +563,12 @@ class Patchify(QueryFront):
     def _fused_second_stage(self, queries: np.ndarray, k: int, weight: float
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """IVFPQ: the second stage's exact best-patch scores of the whole shortlist, fused with each image's
-        whole-image score read from the re-rank store, top k of those."""
-        _, fused, images, patches = self._fused_shortlist(queries, k, weight)
-        width = min(k, fused.shape[1])
-        return fused[:, :width], images[:, :width], patches[:, :width]
+        whole-image score read from the re-rank store, top k of those (in the C++ second stage)."""
+        from .index.ivfpq import IVFPQIndex
+
+        index = self._index
+        assert isinstance(index, IVFPQIndex) and index.rerank_store is not None
+        return index.search(queries, k, fusion=self._global_fusion(weight))
 
     def _fused_shortlist(self, queries: np.ndarray, k: int, weight: float
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -576,18 +579,10 @@ class Patchify(QueryFront):
 
         index = self._index
         assert isinstance(index, IVFPQIndex) and index.rerank_store is not None
-        first, scores, images, patches = index.search_shortlist_scored(queries, k)
-        whole = self._whole_image_patches()
-        has = images >= 0
-        whole_ids = np.where(has, whole[np.where(has, images, 0)], -1)
-        fused = np.where(has, scores, -np.inf)
-        rows, cols = np.nonzero(whole_ids >= 0)  # all queries' shortlisted whole-image rows, decoded in one call
-        if len(rows):
-            g = np.einsum("nd,nd->n", index.rerank_store.rows(whole_ids[rows, cols]), queries[rows])
-            fused[rows, cols] = weight * g + (1.0 - weight) * scores[rows, cols]
-        order = np.argsort(-fused, axis=1, kind="stable")
-        return (np.take_along_axis(first, order, axis=1), np.take_along_axis(fused, order, axis=1).astype(np.float32),
-                np.take_along_axis(images, order, axis=1), np.take_along_axis(patches, order, axis=1))
+        return index.search_shortlist_scored(queries, k, fusion=self._global_fusion(weight))
+
+    def _global_fusion(self, weight: float) -> GlobalFusion:
+        return GlobalFusion(self._whole_image_patches(), weight)
 
     def _whole_image_patches(self) -> np.ndarray:
         """Per image id, the patch id of its whole image (grid 1), -1 if none; built once, extended by adds."""

@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <string>
 
 #include "arrays.h"
@@ -81,9 +82,18 @@ auto rerank_max(const std::string& codec, const py::array& base, const py::array
 
 auto rerank_top(const std::string& codec, const py::array& base, const py::array& tail, const py::array& vmin,
                 const py::array& vdiff, const py::array& starts, const py::array& patch_ids, const py::array& queries,
-                const py::array& candidates, const py::array& candidate_scores, int64_t k, int num_threads) {
+                const py::array& candidates, const py::array& candidate_scores, int64_t k,
+                const py::array& whole_patch, double global_weight, int num_threads) {
   const RerankInputs in = unpack(codec, base, tail, vmin, vdiff, starts, patch_ids, queries, candidates);
   const float* first = array_data<float>(candidate_scores, "candidate_scores", {in.nq, in.r});
+  if (!std::isfinite(global_weight) || global_weight < 0.0 || global_weight > 1.0)
+    throw std::invalid_argument("global_weight: expected a number in [0, 1], got " + std::to_string(global_weight));
+  patchify::GlobalFusion fusion;
+  fusion.weight = global_weight;
+  if (global_weight > 0.0) {
+    fusion.whole_patch = array_data<int64_t>(whole_patch, "whole_patch", {"n_images"});
+    fusion.n_images = static_cast<size_t>(whole_patch.shape(0));
+  }
   if (k < 0 || static_cast<size_t>(k) > in.r)
     throw std::invalid_argument("k: expected 0 <= k <= " + std::to_string(in.r) + " (the candidates per query), got " +
                                 std::to_string(k));
@@ -97,7 +107,8 @@ auto rerank_top(const std::string& codec, const py::array& base, const py::array
   {
     py::gil_scoped_release release;
     patchify::rerank_top(in.codec, in.dim, in.rows, in.vmin, in.vdiff, in.starts, in.n_images, in.patch_ids,
-                         in.n_patch_ids, in.queries, in.nq, in.candidates, first, in.r, kk, f, s, i, p, num_threads);
+                         in.n_patch_ids, in.queries, in.nq, in.candidates, first, in.r, kk, fusion, f, s, i, p,
+                         num_threads);
   }
   return py::make_tuple(out_first, out_scores, out_images, out_patches);
 }
@@ -115,9 +126,12 @@ void bind_rerank(py::module_& m) {
         "winner (nq, r) int64 patch ids, -1 for none).");
   m.def("rerank_top", &rerank_top, py::arg("codec"), py::arg("base"), py::arg("tail"), py::arg("vmin"),
         py::arg("vdiff"), py::arg("starts"), py::arg("patch_ids"), py::arg("queries"), py::arg("candidates"),
-        py::arg("candidate_scores"), py::arg("k"), py::arg("num_threads") = 0,
+        py::arg("candidate_scores"), py::arg("k"), py::arg("whole_patch"), py::arg("global_weight"),
+        py::arg("num_threads") = 0,
         "rerank_max, then each query's k best candidates by that score, best first (ties in candidate order): "
         "the whole second stage of a top-k search. candidate_scores (nq, r) float32: the first stage's scores, "
-        "carried along. Returns (first-stage scores, scores, image ids, patch ids), (nq, k) each; -inf / -1 "
-        "where no image.");
+        "carried along. global_weight in [0, 1] (0: none): an image with a whole-image patch (whole_patch "
+        "(n_images,) int64, by image id, -1 for none; read only when global_weight > 0) scores global_weight * "
+        "its whole-image score + (1 - global_weight) * its best patch score. Returns (first-stage scores, scores, "
+        "image ids, patch ids), (nq, k) each; -inf / -1 where no image.");
 }

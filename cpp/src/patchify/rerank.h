@@ -128,42 +128,74 @@ inline void check_rerank_inputs(const char* caller, RerankCodec codec, size_t di
     throw std::invalid_argument(std::string(caller) + ": int8 codes need vmin and vdiff");
 }
 
-// One query's re-rank: best[j] / winner[j] for its r candidates (see rerank_max). weights: scratch, reused.
+// Scores stored rows against one query: float16 rows by a plain dot product, int8 rows by the per-query weights
+// w_d = q_d vdiff_d / 255 and constant sum_d q_d vmin_d + 0.5 sum_d w_d (the file comment).
+class RowScorer {
+ public:
+  RowScorer(RerankCodec codec, size_t dim, const RerankRows& rows, const float* vmin, const float* vdiff, bool simd)
+      : codec_(codec), dim_(dim), rows_(rows), vmin_(vmin), vdiff_(vdiff), simd_(simd) {}
+
+  void set_query(const float* q) {
+    q_ = q;
+    if (codec_ != RerankCodec::kInt8) return;
+    weights_.resize(dim_);
+    double c = 0.0, wsum = 0.0;
+    for (size_t d = 0; d < dim_; ++d) {
+      weights_[d] = q[d] * vdiff_[d] / 255.f;
+      c += static_cast<double>(q[d]) * vmin_[d];
+      wsum += weights_[d];
+    }
+    constant_ = static_cast<float>(c + 0.5 * wsum);
+  }
+  // id: checked by the caller (0 <= id < rows.size()).
+  float score(int64_t id) const {
+    return codec_ == RerankCodec::kFloat16 ? dot_row(codec_, rows_.row(id), q_, dim_, simd_)
+                                           : constant_ + dot_row(codec_, rows_.row(id), weights_.data(), dim_, simd_);
+  }
+  size_t n_rows() const { return rows_.size(); }
+
+ private:
+  RerankCodec codec_;
+  size_t dim_;
+  const RerankRows& rows_;
+  const float* vmin_;
+  const float* vdiff_;
+  bool simd_;
+  const float* q_ = nullptr;
+  std::vector<float> weights_;
+  float constant_ = 0.f;
+};
+
+[[noreturn]] inline void fail_index(const char* caller, const std::string& what) {
+  throw std::out_of_range(std::string(caller) + ": " + what);
+}
+
+inline void check_row_id(const char* caller, int64_t id, size_t n_rows) {
+  if (id < 0 || static_cast<size_t>(id) >= n_rows)
+    fail_index(caller, "patch id " + std::to_string(id) + " has no stored row (" + std::to_string(n_rows) + ")");
+}
+
+// One query's re-rank (scorer set to the query): best[j] / winner[j] for its r candidates (see rerank_max).
 // Every index is checked where it is used (only the shortlisted images' entries: checking all of them would cost a
 // pass over the whole index per search); a bad one throws, named, instead of reading out of bounds.
-inline void rerank_query(const char* caller, RerankCodec codec, size_t dim, const RerankRows& rows,
-                         const float* vmin, const float* vdiff, const int64_t* starts, size_t n_images,
-                         const int64_t* patch_ids, size_t n_patch_ids, const float* q, const int64_t* candidates,
-                         size_t r, float* best, int64_t* winner, bool simd, std::vector<float>& weights) {
-  const auto fail = [caller](const std::string& what) { throw std::out_of_range(std::string(caller) + ": " + what); };
-  float constant = 0.f;  // int8: sum_d q_d vmin_d + 0.5 sum_d w_d, with weights w_d = q_d vdiff_d / 255
-  if (codec == RerankCodec::kInt8) {
-    weights.resize(dim);
-    double c = 0.0, wsum = 0.0;
-    for (size_t d = 0; d < dim; ++d) {
-      weights[d] = q[d] * vdiff[d] / 255.f;
-      c += static_cast<double>(q[d]) * vmin[d];
-      wsum += weights[d];
-    }
-    constant = static_cast<float>(c + 0.5 * wsum);
-  }
+inline void rerank_query(const char* caller, const RowScorer& scorer, const int64_t* starts, size_t n_images,
+                         const int64_t* patch_ids, size_t n_patch_ids, const int64_t* candidates, size_t r,
+                         float* best, int64_t* winner) {
   for (size_t j = 0; j < r; ++j) {
     const int64_t image = candidates[j];
     float top = -std::numeric_limits<float>::infinity();
     int64_t top_id = -1;
     if (image >= static_cast<int64_t>(n_images))
-      fail("candidate image id " + std::to_string(image) + " >= " + std::to_string(n_images) + " images");
+      fail_index(caller, "candidate image id " + std::to_string(image) + " >= " + std::to_string(n_images) +
+                             " images");
     if (image >= 0) {
       const int64_t lo = starts[image], hi = starts[image + 1];
       if (lo < 0 || lo > hi || static_cast<size_t>(hi) > n_patch_ids)
-        fail("starts of image " + std::to_string(image) + " are not offsets into patch_ids");
+        fail_index(caller, "starts of image " + std::to_string(image) + " are not offsets into patch_ids");
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t id = patch_ids[p];
-        if (id < 0 || static_cast<size_t>(id) >= rows.size())
-          fail("patch id " + std::to_string(id) + " has no stored row (" + std::to_string(rows.size()) + ")");
-        const float s = codec == RerankCodec::kFloat16
-                            ? dot_row(codec, rows.row(id), q, dim, simd)
-                            : constant + dot_row(codec, rows.row(id), weights.data(), dim, simd);
+        check_row_id(caller, id, scorer.n_rows());
+        const float s = scorer.score(id);
         if (s > top) {
           top = s;
           top_id = id;
@@ -189,37 +221,66 @@ inline void rerank_max(RerankCodec codec, size_t dim, const RerankRows& rows, co
   simd = simd && has_avx2_fma_f16c();
   detail::check_rerank_inputs("rerank_max", codec, dim, rows, vmin, vdiff);
   parallel_for(0, nq, num_threads, [&](size_t qi) {
-    std::vector<float> weights;
-    detail::rerank_query("rerank_max", codec, dim, rows, vmin, vdiff, starts, n_images, patch_ids, n_patch_ids,
-                         queries + qi * dim, candidates + qi * r, r, best + qi * r, winner + qi * r, simd, weights);
+    detail::RowScorer scorer(codec, dim, rows, vmin, vdiff, simd);
+    scorer.set_query(queries + qi * dim);
+    detail::rerank_query("rerank_max", scorer, starts, n_images, patch_ids, n_patch_ids, candidates + qi * r, r,
+                         best + qi * r, winner + qi * r);
   });
 }
 
-// The whole second stage of a top-k search: rerank_max over each query's r candidates, then its k best by re-ranked
-// score, best first; ties keep the candidates' order (what a stable sort gives). Doing the selection here, not in
-// numpy, saves a two-stage query the ~0.1 ms that half a dozen numpy calls cost when each runs with cold caches
-// after the scan. candidate_scores (nq, r): the first stage's score of each candidate, carried along. Writes
-// (nq, k) each, k <= r: out_first (the carried score), out_scores, out_images, out_patches; a slot with no image
-// (a -1 candidate, an image without patches or whose patches all score NaN) holds -inf, -inf, -1, -1 and sorts
-// last.
+// Global + patch fusion inside the second stage (patchify.engine on IVFPQ indexes; none when weight is 0): a
+// shortlisted image i with a whole-image patch (whole_patch[i] >= 0) scores weight * <q, that row> + (1 - weight) *
+// its best patch score; images without one keep the best patch score. whole_patch: n_images entries by image id.
+struct GlobalFusion {
+  const int64_t* whole_patch = nullptr;
+  size_t n_images = 0;
+  double weight = 0.0;
+};
+
+// The whole second stage of a top-k search: rerank_max over each query's r candidates (fused with each image's
+// whole-image score where fusion.weight > 0), then its k best by that score, best first; ties keep the candidates'
+// order (what a stable sort gives). Doing the selection here, not in numpy, saves a two-stage query the ~0.1 ms
+// that half a dozen numpy calls cost when each runs with cold caches after the scan. candidate_scores (nq, r): the
+// first stage's score of each candidate, carried along. Writes (nq, k) each, k <= r: out_first (the carried score),
+// out_scores, out_images, out_patches (the winning patch, whatever the fusion); a slot with no image (a -1
+// candidate, an image without patches or whose patches all score NaN) holds -inf, -inf, -1, -1 and sorts last.
 inline void rerank_top(RerankCodec codec, size_t dim, const RerankRows& rows, const float* vmin, const float* vdiff,
                        const int64_t* starts, size_t n_images, const int64_t* patch_ids, size_t n_patch_ids,
                        const float* queries, size_t nq, const int64_t* candidates, const float* candidate_scores,
-                       size_t r, size_t k, float* out_first, float* out_scores, int64_t* out_images,
-                       int64_t* out_patches, int num_threads, bool simd = true) {
+                       size_t r, size_t k, const GlobalFusion& fusion, float* out_first, float* out_scores,
+                       int64_t* out_images, int64_t* out_patches, int num_threads, bool simd = true) {
   simd = simd && has_avx2_fma_f16c();
   detail::check_rerank_inputs("rerank_top", codec, dim, rows, vmin, vdiff);
   if (k > r)
     throw std::invalid_argument("rerank_top: k " + std::to_string(k) + " > " + std::to_string(r) + " candidates");
+  const bool fuse = fusion.weight != 0.0;
+  if (fuse && fusion.whole_patch == nullptr) throw std::invalid_argument("rerank_top: fusion without whole_patch");
+  // float32 arithmetic, as numpy does with a Python float weight and float32 scores
+  const float global_w = static_cast<float>(fusion.weight), patch_w = static_cast<float>(1.0 - fusion.weight);
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   parallel_for(0, nq, num_threads, [&](size_t qi) {
-    std::vector<float> weights, best(r);
+    detail::RowScorer scorer(codec, dim, rows, vmin, vdiff, simd);
+    scorer.set_query(queries + qi * dim);
+    std::vector<float> best(r);
     std::vector<int64_t> winner(r);
     const int64_t* cand = candidates + qi * r;
-    detail::rerank_query("rerank_top", codec, dim, rows, vmin, vdiff, starts, n_images, patch_ids, n_patch_ids,
-                         queries + qi * dim, cand, r, best.data(), winner.data(), simd, weights);
+    detail::rerank_query("rerank_top", scorer, starts, n_images, patch_ids, n_patch_ids, cand, r, best.data(),
+                         winner.data());
+    if (fuse)
+      for (size_t j = 0; j < r; ++j) {
+        if (winner[j] < 0) continue;
+        if (static_cast<size_t>(cand[j]) >= fusion.n_images)
+          detail::fail_index("rerank_top", "candidate image id " + std::to_string(cand[j]) + " >= " +
+                                               std::to_string(fusion.n_images) + " whole_patch entries");
+        const int64_t whole = fusion.whole_patch[cand[j]];
+        if (whole < 0) continue;
+        detail::check_row_id("rerank_top", whole, rows.size());
+        best[j] = global_w * scorer.score(whole) + patch_w * best[j];
+      }
     std::vector<uint32_t> order;
-    top_indices(best.data(), r, k, order);  // best is never NaN: rerank_query keeps only scores above -inf
+    // best is never NaN: rerank_query keeps only scores above -inf, and a whole-image row is a stored vector, checked
+    // finite when it was added
+    top_indices(best.data(), r, k, order);
     for (size_t i = 0; i < k; ++i) {
       const size_t j = order[i], o = qi * k + i;
       const bool found = winner[j] >= 0;  // else best[j] is -inf and winner[j] -1 already

@@ -41,7 +41,7 @@ from .. import _core
 from ..config import MIN_POINTS_PER_CENTROID, IVFPQConfig, default_rerank_shortlist
 from ..errors import IndexFormatError
 from .base import check_ids, check_queries, check_vectors, result_width
-from .rerank import ImagePatches, RerankStore
+from .rerank import GlobalFusion, ImagePatches, RerankStore
 
 FORMAT_NAME = "patchify-ivfpq"
 FORMAT_VERSION = 1
@@ -280,15 +280,18 @@ class IVFPQIndex:
         return removed  # image -> patches stays valid: the first stage never returns a removed image
 
     # ------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, fusion: GlobalFusion | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k images per query: (scores, image ids, patch ids), each (nq, min(k, images stored)), best first;
-        padded with -inf / -1 where the probed lists hold fewer images."""
+        padded with -inf / -1 where the probed lists hold fewer images. fusion: global + patch fusion in the
+        second stage (needs the re-rank store)."""
         q, k = self._checked(queries, k)
+        self._check_fusion(fusion)
         if k == 0:  # no image to rank: no columns, whatever k is
             return _no_columns(len(q))
         if self._rerank is None:
             return self._first_stage(q, k)
-        return self._two_stage(q, k)
+        return self._two_stage_scored(q, k, fusion=fusion)[1:]
 
     def first_stage(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The fused scanner alone (PQ scores, no re-rank), as `search` returns it."""
@@ -321,35 +324,36 @@ class IVFPQIndex:
             return _no_columns(len(q))
         return self.search_shortlist_scored(q, k)[1:]
 
-    def search_shortlist_scored(self, queries: np.ndarray, k: int
+    def search_shortlist_scored(self, queries: np.ndarray, k: int, fusion: GlobalFusion | None = None
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`search_shortlist` with each image's first-stage (PQ) score in front: (first-stage scores, scores, image
         ids, patch ids). The top k of a two-stage search are the best k by score among the best shortlist(k) by
-        first-stage score, so indexes sharing one training merge exactly with these (patchify.distributed)."""
+        first-stage score, so indexes sharing one training merge exactly with these (patchify.distributed).
+        fusion: as in `search`, the scores fused and the shortlist sorted by them."""
         if self._rerank is None:
             raise ValueError("search_shortlist_scored needs the re-rank store (rerank='int8' or 'float16')")
         q, k = self._checked(queries, k)
         if k == 0:
             return (np.zeros((len(q), 0), np.float32), *_no_columns(len(q)))
         width = result_width(self.shortlist(k), self._num_images)
-        return self._two_stage_scored(q, width, shortlist=width)
+        return self._two_stage_scored(q, width, shortlist=width, fusion=fusion)
 
-    def _two_stage(self, q: np.ndarray, k: int, shortlist: int | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The fused scanner's best `shortlist(k)` images (or `shortlist` of them), re-scored from the re-rank store
-        (max over each one's patches), the top k of those."""
-        return self._two_stage_scored(q, k, shortlist)[1:]
+    def _check_fusion(self, fusion: GlobalFusion | None) -> None:
+        if fusion is not None and self._rerank is None:
+            raise ValueError("fusion needs the re-rank store (rerank='int8' or 'float16')")
 
-    def _two_stage_scored(self, q: np.ndarray, k: int, shortlist: int | None = None
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """`_two_stage` with the first-stage score of each image returned in front."""
+    def _two_stage_scored(self, q: np.ndarray, k: int, shortlist: int | None = None,
+                          fusion: GlobalFusion | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The fused scanner's best `shortlist(k)` images (or `shortlist` of them) re-scored from the re-rank store
+        (max over each one's patches, fused with its whole-image score when `fusion` is given), the top k of those,
+        each image's first-stage score in front: (first-stage scores, scores, image ids, patch ids)."""
         assert self._rerank is not None
         width = shortlist if shortlist is not None else result_width(self.shortlist(k), self._num_images)
         first_scores, first_images, _ = self._first_stage(q, width)
         if self._image_patches is None:
             self._image_patches = ImagePatches(self._map, self._num_images)
-        return self._rerank.top_over_images(q, first_images, first_scores, min(k, first_images.shape[1]),
-                                            self._image_patches, self.num_threads)
+        return self._rerank.top_over_images(q, first_images, first_scores, k, self._image_patches, self.num_threads,
+                                            fusion)
 
     def _nprobe(self) -> int:
         return max(1, min(int(self.nprobe), int(self._index.nlist)))

@@ -14,6 +14,7 @@ pages in only the rows of shortlisted images, and patches added after loading go
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,19 @@ from ..errors import IndexFormatError
 CODECS = ("float16", "int8")
 CODES_FILE = "rerank_codes.npy"
 QUANTIZER_FILE = "rerank_sq.npy"
+
+
+_NO_WHOLE_PATCH = np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class GlobalFusion:
+    """Global + patch fusion inside the second stage (the engine's `global_weight` on IVFPQ indexes): a shortlisted
+    image with a whole-image (grid 1) patch scores weight * <q, that patch> + (1 - weight) * its best patch score;
+    images without one keep their best patch score. whole_patch: per image id, its whole-image patch id, -1 if none
+    (patchify.fusion.whole_image_rows)."""
+    whole_patch: np.ndarray
+    weight: float
 
 
 def _faiss() -> Any:
@@ -147,22 +161,28 @@ class RerankStore:
                         num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """For candidates (nq, r) image ids (-1 = none): the max score over each image's patches and the patch
         reaching it, (nq, r) each (-inf / -1 for none). The C++ scorer (cpp/src/patchify/rerank.h), GIL released."""
-        return _core.rerank_max(self.codec, np.ascontiguousarray(self._base), self._tail[:self._n_tail],
-                                self._vmin, self._vdiff, image_patches.starts, image_patches.patch_ids,
-                                np.ascontiguousarray(queries, np.float32),
+        return _core.rerank_max(*self._rows_and_images(image_patches), np.ascontiguousarray(queries, np.float32),
                                 np.ascontiguousarray(candidates, np.int64), num_threads)
 
     def top_over_images(self, queries: np.ndarray, candidates: np.ndarray, candidate_scores: np.ndarray, k: int,
-                        image_patches: "ImagePatches", num_threads: int = 0
+                        image_patches: "ImagePatches", num_threads: int = 0, fusion: "GlobalFusion | None" = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """`max_over_images`, then each query's k best candidates by that score, best first (ties in candidate
-        order), in one C++ call: (first-stage scores carried from candidate_scores, scores, image ids, patch ids),
-        (nq, k) each, -inf / -1 where no image. k <= candidates.shape[1]."""
-        return _core.rerank_top(self.codec, np.ascontiguousarray(self._base), self._tail[:self._n_tail],
-                                self._vmin, self._vdiff, image_patches.starts, image_patches.patch_ids,
-                                np.ascontiguousarray(queries, np.float32),
+        """`max_over_images` (fused with each image's whole-image score when `fusion` is given), then each query's k
+        best candidates by that score, best first (ties in candidate order), in one C++ call: (first-stage scores
+        carried from candidate_scores, scores, image ids, patch ids), (nq, k) each, -inf / -1 where no image.
+        k <= candidates.shape[1]."""
+        whole, weight = (fusion.whole_patch, fusion.weight) if fusion is not None else (_NO_WHOLE_PATCH, 0.0)
+        return _core.rerank_top(*self._rows_and_images(image_patches), np.ascontiguousarray(queries, np.float32),
                                 np.ascontiguousarray(candidates, np.int64),
-                                np.ascontiguousarray(candidate_scores, np.float32), int(k), num_threads)
+                                np.ascontiguousarray(candidate_scores, np.float32), int(k),
+                                np.ascontiguousarray(whole, np.int64), float(weight), num_threads)
+
+    def _rows_and_images(self, image_patches: "ImagePatches"
+                         ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The arguments both C++ scorers take first: codec, rows (saved base, RAM tail), int8 ranges, image ->
+        patch ids."""
+        return (self.codec, np.ascontiguousarray(self._base), self._tail[:self._n_tail], self._vmin, self._vdiff,
+                image_patches.starts, image_patches.patch_ids)
 
     # ------------------------------------------------------------------ persistence
     def save_files(self, directory: Path) -> list[str]:
