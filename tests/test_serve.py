@@ -22,7 +22,7 @@ from conftest import PHOTOS, ThumbnailBackbone  # noqa: E402
 from serve_thumbnail import ThumbnailServer, build_index  # noqa: E402
 
 from patchify import Patchify, store  # noqa: E402
-from patchify.serve.state import ReadWriteLock  # noqa: E402
+from patchify.serve.state import ReadWriteLock, ServedIndex, Upload  # noqa: E402
 
 FRUITS = PHOTOS / "fruits.jpg"
 
@@ -298,6 +298,25 @@ def test_a_crash_between_the_save_renames_is_recovered(index_dir: Path) -> None:
         assert httpx.get(f"{server.url}/api/info").json()["n_images"] == 20
     assert not retired.exists()
     assert store.recover_interrupted_save(index_dir) is None  # nothing to do on a good folder
+
+
+def test_batch_search_decodes_one_upload_at_a_time(index_dir: Path) -> None:
+    """Each query image is embedded before the next upload is decoded (a batch of large uploads would otherwise
+    be held decoded all at once), with the same hits as the library's batch search."""
+    backbone = ThumbnailBackbone()
+    served = ServedIndex.open(index_dir, backbone=backbone)
+    photos = [PHOTOS / name for name in ("fruits.jpg", "baboon.jpg", "apple.jpg")]
+
+    def decoded():
+        for done, photo in enumerate(photos):
+            assert backbone.calls == calls_before + done, "a second upload was decoded before the first was embedded"
+            yield served.decode(Upload(photo.name, photo.read_bytes()))
+
+    calls_before = backbone.calls
+    results = served.search_images(decoded(), 3)
+    assert backbone.calls == calls_before + len(photos)
+    direct = Patchify.load(index_dir, backbone=ThumbnailBackbone()).search_batch(photos, k=3)
+    assert [[h.image_id for h in hits] for hits in results] == [[h.image_id for h in hits] for hits in direct]
 
 
 def test_saves_carry_the_owned_images_over(index_dir: Path) -> None:

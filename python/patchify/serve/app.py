@@ -135,7 +135,7 @@ def create_app(served: ServedIndex) -> FastAPI:
         k = check_k(k)
         check_count(images)
         uploads = [read(image) for image in images]
-        results = served.search_images([served.decode(upload) for upload in uploads], k)
+        results = served.search_images((served.decode(upload) for upload in uploads), k)  # one decoded at a time
         return {"results": [{"filename": upload.filename, "hits": [hit_json(hit) for hit in hits]}
                             for upload, hits in zip(uploads, results)]}
 

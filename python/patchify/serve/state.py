@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -163,9 +163,11 @@ class ServedIndex:
         """The upload's pixels (HxWx3 uint8), or an ImageError naming the client's file name."""
         return decode_bytes(upload.data, upload.filename or "upload", max_pixels=self.config.max_pixels)
 
-    def search_images(self, images: Sequence[np.ndarray], k: int) -> list[list[Hit]]:
-        """Top-k images for each query image (decoded pixels, already cropped to the query box)."""
-        vectors = self._engine.embed_queries(list(images))  # the backbone, before any lock
+    def search_images(self, images: Iterable[np.ndarray], k: int) -> list[list[Hit]]:
+        """Top-k images for each query image (decoded pixels, already cropped to the query box). Each is embedded
+        before the next is drawn, so a generator of decodes keeps one decoded upload in memory at a time (16 uploads
+        of 40 MP held at once would be ~2 GB per request)."""
+        vectors = np.stack([self._engine.embed_query(image) for image in images])  # the backbone, before any lock
         return self.search_vectors(vectors, k)
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
