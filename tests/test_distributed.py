@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, ThumbnailBackbone, env_importing_tested_patchify
-from patchify import Patchify
+from patchify import Patchify, store
 from patchify.cli import main
 from patchify.config import index_config
 from patchify.distributed import ShardedIndex, build_sharded_index, layout
@@ -103,9 +103,11 @@ def test_each_shard_is_a_normal_saved_index_holding_a_run_of_the_inputs(built, i
     name, directory, _ = built
     manifest = layout.read_manifest(directory)
     held = []
+    assert manifest["tiling"]["cell_sizing"] == "fixed"  # as done: the thumbnail backbone takes one input size
     for shard in manifest["shards"]:
         engine = Patchify.load(directory / shard["path"])
         assert engine.n_images == shard["n_images"]
+        assert store.read_manifest(directory / shard["path"])["tiling"] == manifest["tiling"]
         held += [record.name for record in engine.images]
     assert held == [p for p in inputs if Path(p).is_file() and not p.endswith("corrupt.jpg")]
     # Shards of 6 inputs; shards 0 and 2 each hold a bad one.

@@ -297,7 +297,7 @@ def build_sharded_index(sources: "str | os.PathLike | Iterable[str | os.PathLike
         done[int(marker["shard"])] = marker
         bar.update(1)
     bar.close()
-    report = _write_manifest(root, spec.tiling, [done[s] for s in range(len(shards))])
+    report = _write_manifest(root, [done[s] for s in range(len(shards))])
     report.seconds = time.perf_counter() - started
     if learned:
         report.notes.insert(0, "learned the shared whitening / IVFPQ training on a sample of the inputs")
@@ -389,7 +389,7 @@ def save_sharded_index(engines: Sequence[Patchify], directory: str | os.PathLike
                   "shared_files": description["files"], "report": report_to_dict(report)}
         layout.write_json(layout.done_marker(root, shard), marker)
         markers.append(marker)
-    _write_manifest(root, first.tiling, markers)
+    _write_manifest(root, markers)
     return root
 
 
@@ -409,12 +409,15 @@ def _same_training(a: Patchify, b: Patchify) -> bool:
                 np.array_equal(fa.quantizer.reconstruct_n(0, fa.nlist), fb.quantizer.reconstruct_n(0, fb.nlist)))
 
 
-def _write_manifest(root: Path, tiling: TilingConfig, markers: list[dict[str, Any]]) -> AddReport:
-    """Step 4: the manifest (global id offsets in plan order); returns the whole build's AddReport."""
+def _write_manifest(root: Path, markers: list[dict[str, Any]]) -> AddReport:
+    """Step 4: the manifest (global id offsets in plan order); returns the whole build's AddReport. Backbone and
+    tiling are what the shards recorded (the tiling as done: a fixed-size backbone turns "fit" cells into "fixed"),
+    and every shard must agree."""
     report = AddReport()
     shards = []
     first_image = first_patch = 0
     backbone: dict[str, Any] | None = None
+    tiling: dict[str, Any] | None = None
     shard_manifest: dict[str, Any] | None = None
     for shard, marker in enumerate(markers):
         part = marker["report"]
@@ -422,9 +425,12 @@ def _write_manifest(root: Path, tiling: TilingConfig, markers: list[dict[str, An
         if part["n_images"]:
             shard_manifest = store.read_manifest(folder)
             if backbone is None:
-                backbone = shard_manifest["backbone"]
+                backbone, tiling = shard_manifest["backbone"], shard_manifest["tiling"]
             elif shard_manifest["backbone"]["identity"] != backbone["identity"]:
                 raise IndexFormatError(f"{folder}: built with another backbone than shard 0's")
+            elif shard_manifest["tiling"] != tiling:
+                raise IndexFormatError(f"{folder}: tiled otherwise than shard 0 ({shard_manifest['tiling']} vs "
+                                       f"{tiling})")
         shards.append({"path": str(folder.relative_to(root)) if part["n_images"] else None,
                        "inputs": len(marker["inputs"]), "n_images": part["n_images"], "n_patches": part["n_patches"],
                        "first_image_id": first_image, "first_patch_id": first_patch})
@@ -444,7 +450,7 @@ def _write_manifest(root: Path, tiling: TilingConfig, markers: list[dict[str, An
         "format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION,
         "patchify_version": _core.__version__,
         "backbone": backbone,
-        "tiling": tiling.to_dict(),
+        "tiling": tiling,
         "index": shard_manifest["index"],
         "input_dim": whitening["input_dim"] if whitening and whitening.get("learned") else
         shard_manifest["index"]["dim"],
