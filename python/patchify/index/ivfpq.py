@@ -1,4 +1,5 @@
-"""Compressed patch index: faiss IndexIVFPQ storage, searched by our fused C++ max-over-patches scanner.
+"""Compressed patch index: faiss IndexIVFPQ storage (IndexIVFPQFastScan for 4-bit codes), searched by our fused
+C++ max-over-patches scanner.
 
 faiss does what it is good at: training the coarse quantiser and the PQ codebooks, encoding patches (residuals
 w.r.t. their coarse centroid, `by_residual`), maintaining the inverted lists, removing ids, reading and writing
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class IVFPQIndex:
         # "faiss" asks faiss's quantiser from Python (bit-exact faiss probes, one more Python round trip). They
         # differ only when two centroids tie to float rounding at the nprobe boundary.
         self.coarse = coarse
-        self._index: Any = None  # faiss.IndexIVFPQ once trained
+        self._index: Any = None  # faiss.IndexIVFPQ or IndexIVFPQFastScan once trained
         self._map = np.zeros(0, np.int32)  # patch id -> image id, -1 = absent
         self._num_images = 0  # max image id + 1 ever added (sizes the scanner's dense per-image scratch)
         self._scanner: Any = None
@@ -377,7 +378,7 @@ class IVFPQIndex:
 
     @property
     def faiss_index(self) -> Any:
-        """The underlying faiss.IndexIVFPQ (read-only use: mutate through add/remove_images)."""
+        """The underlying faiss.IndexIVFPQ or IndexIVFPQFastScan (read-only use: mutate through add/remove_images)."""
         return self._index
 
     def nbytes(self) -> int:
@@ -394,8 +395,8 @@ class IVFPQIndex:
             return int(self._map.nbytes)
         if self.fast_scan:
             invlists = self._index.invlists
-            codes = sum(_fast_scan_list_bytes(invlists, int(invlists.list_size(list_no)))
-                        for list_no in range(self._index.nlist))
+            list_bytes = _list_code_bytes(invlists, fast_scan=True)
+            codes = sum(list_bytes(int(invlists.list_size(list_no))) for list_no in range(self._index.nlist))
             return int(codes + self.ntotal * 8 + self._map.nbytes)
         return int(self.ntotal * (self._index.code_size + 8 + 4) + self._map.nbytes)
 
@@ -507,23 +508,21 @@ class IVFPQIndex:
             faiss = _faiss()
             invlists = self._index.invlists
             fast_scan = self.fast_scan
+            list_bytes = _list_code_bytes(invlists, fast_scan)
             empty_codes, empty_ids = np.zeros(0, np.uint8), np.zeros(0, np.int64)
-            empty_images = np.zeros(0, np.int32)
             codes, ids, images = [], [], []
             for list_no in range(self._index.nlist):
                 n = int(invlists.list_size(list_no))
                 if n == 0:
                     codes.append(empty_codes)
                     ids.append(empty_ids)
-                    images.append(empty_images)
                 else:  # views of faiss's own memory (Array/BlockInvertedLists): nothing is copied
-                    n_bytes = _fast_scan_list_bytes(invlists, n) if fast_scan else n * int(invlists.code_size)
-                    codes.append(faiss.rev_swig_ptr(invlists.get_codes(list_no), n_bytes))
+                    codes.append(faiss.rev_swig_ptr(invlists.get_codes(list_no), list_bytes(n)))
                     ids.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), n))
-                    # The map in list order: the byte-code scan then reads image ids sequentially (no cache miss
-                    # per code). The fast-scan scan looks up only the codes that pass its threshold: not kept.
-                    if not fast_scan:
-                        images.append(self._map[ids[-1]])
+                # The map in list order: the byte-code scan then reads image ids sequentially (no cache miss per
+                # code). The fast-scan scan looks up only the codes that pass its threshold: not kept.
+                if not fast_scan:
+                    images.append(self._map[ids[-1]])
             self._scanner.set_lists(codes, ids, [] if fast_scan else images)
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
@@ -559,10 +558,16 @@ def _is_fast_scan(index: Any) -> bool:
     return isinstance(index, _faiss().IndexIVFPQFastScan)
 
 
-def _fast_scan_list_bytes(invlists: Any, n: int) -> int:
-    """Bytes faiss's BlockInvertedLists holds for a list of n codes: whole blocks of 32."""
+def _list_code_bytes(invlists: Any, fast_scan: bool) -> Callable[[int], int]:
+    """Bytes of codes faiss holds for a list of n: whole blocks of 32 in BlockInvertedLists (fast-scan), n x
+    code_size in ArrayInvertedLists. The geometry is read once (a downcast per list cost ~2 ms per rebuild at
+    nlist 1024)."""
+    if not fast_scan:
+        code_size = int(invlists.code_size)
+        return lambda n: n * code_size
     blocks = _faiss().downcast_InvertedLists(invlists)
-    return -(-n // int(blocks.n_per_block)) * int(blocks.block_size)
+    per_block, block_size = int(blocks.n_per_block), int(blocks.block_size)
+    return lambda n: -(-n // per_block) * block_size
 
 
 def _checked_faiss_index(index: Any, what: str) -> Any:
