@@ -344,7 +344,7 @@ def test_engine_searches_exactly_until_it_can_train(photos, thumbnail_backbone, 
     assert loaded.exact_until_trained is None and loaded.index.kind == "ivfpq" and loaded.index.ntotal == 700
     assert any("trained" in note for note in report.notes)
     assert loaded.search(photos[3], k=1)[0].image_id == 3
-    # nbits=4: the fast-scan layout, saved (manifest v3, the faiss file says which layout) and read back as such.
+    # nbits=4: the fast-scan layout, saved (the faiss file says which layout) and read back as such.
     assert loaded.index.fast_scan
     loaded.save(tmp_path / "trained")
     again = Patchify.load(tmp_path / "trained", backbone=thumbnail_backbone)

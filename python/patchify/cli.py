@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding_options(index)
     index.add_argument("--overlap", type=float, default=0.0,
                        help="grow each cell by this fraction of its size on every side, in [0, 0.5)")
-    index.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per backbone call")
+    index.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                       help="patches tiled and encoded per chunk (the backbone runs them in calls of its own size)")
     index.add_argument("--threads", type=int, default=0, help="threads for tiling and search; 0 = all cores")
     index.add_argument("--cache", default=None, help="embedding cache folder (encode each image once)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
