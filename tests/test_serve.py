@@ -326,6 +326,17 @@ def test_saves_carry_the_owned_images_over(index_dir: Path) -> None:
     engine.save(index_dir)
     assert (index_dir / store.OWNED_IMAGES / "a.jpg").read_bytes() == b"kept"
     assert Patchify.load(index_dir, verify=True, backbone=ThumbnailBackbone()).n_images == 20
+    # Saved elsewhere, the files go with the records that name them (from the folder it was loaded from), and on
+    # from there.
+    copy = engine.save(index_dir.parent / "copy")
+    assert (copy / store.OWNED_IMAGES / "a.jpg").read_bytes() == b"kept"
+    again = engine.save(index_dir.parent / "again")
+    assert (again / store.OWNED_IMAGES / "a.jpg").read_bytes() == b"kept"
+    # A new index written over that folder owns none of them.
+    fresh = Patchify(backbone=ThumbnailBackbone(), level=1)
+    fresh.add_images([PHOTOS / "fruits.jpg"])
+    fresh.save(copy)
+    assert not (copy / store.OWNED_IMAGES).exists()
 
 
 # ---------------------------------------------------------------------------------------------------- pieces

@@ -120,6 +120,9 @@ class Patchify(QueryFront):
         self._images = images if images is not None else []
         self._patches = patches if patches is not None else PatchTable.empty()
         self._saved_backbone = saved_backbone  # set by load: says which backbone built it
+        # The folder it was loaded from or last saved to: its image files (store.OWNED_IMAGES, named by the image
+        # records) go with every save, wherever it goes.
+        self._folder: Path | None = None
         self.training_vectors = None
         self.progress = False
 
@@ -620,11 +623,13 @@ class Patchify(QueryFront):
             record = store.BackboneRecord(self._encoder.backbone_name, self._encoder.identity(),
                                           saved.weights if saved else None)
         staging = self._index_config if self.exact_until_trained is not None else None
-        return store.save(directory, backbone=record, tiling=self.tiling, index=self._index, images=self._images,
-                          target_index=staging,
-                          patches=self._patches, whitening_config=self._whitening_config, whitening=self._whitening,
-                          global_weight=self._global_weight, folded_weight=self._folded_weight,
-                          patchify_version=_core.__version__)
+        saved_to = store.save(directory, backbone=record, tiling=self.tiling, index=self._index, images=self._images,
+                              target_index=staging, owned_images_from=self._folder,
+                              patches=self._patches, whitening_config=self._whitening_config,
+                              whitening=self._whitening, global_weight=self._global_weight,
+                              folded_weight=self._folded_weight, patchify_version=_core.__version__)
+        self._folder = saved_to
+        return saved_to
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, backbone: "str | Backbone | None" = None,
@@ -642,6 +647,7 @@ class Patchify(QueryFront):
         engine._compose(encoder, saved.target_index or saved.index.config, saved.index, saved.images,
                         saved.patches, saved.backbone, saved.whitening_config, saved.whitening,
                         saved.global_weight, saved.folded_weight)
+        engine._folder = Path(directory)
         return engine
 
 

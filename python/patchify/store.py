@@ -139,10 +139,10 @@ def recover_interrupted_save(target: str | os.PathLike) -> Path | None:
     return newest
 
 
-def _carry_over_owned_images(target: Path, staging: Path) -> None:
-    """The image files the index folder owns (OWNED_IMAGES), into the folder about to replace it: hard links cost
-    no copy and keep the files shared until the old folder is deleted."""
-    source = target / OWNED_IMAGES
+def _carry_over_owned_images(folder: Path, staging: Path) -> None:
+    """The image files an index folder owns (OWNED_IMAGES), into the folder being written: hard links cost no copy
+    and keep the files shared until the old folder is deleted."""
+    source = folder / OWNED_IMAGES
     if not source.is_dir():
         return
     (staging / OWNED_IMAGES).mkdir()
@@ -163,11 +163,14 @@ def save(directory: str | os.PathLike, *, backbone: BackboneRecord, tiling: Tili
          images: Sequence[ImageRecord], patches: PatchTable, patchify_version: str,
          whitening_config: WhiteningConfig | None = None, whitening: Whitening | None = None,
          global_weight: float | None = None, folded_weight: float = 0.0,
-         target_index: IndexConfig | None = None) -> Path:
-    """Writes a complete index folder atomically (format FORMAT_VERSION)."""
+         target_index: IndexConfig | None = None, owned_images_from: str | os.PathLike | None = None) -> Path:
+    """Writes a complete index folder atomically (format FORMAT_VERSION). owned_images_from: the folder the index
+    was loaded from or last saved to, whose image files (OWNED_IMAGES) the records name: they go with it (None: a
+    new index, which owns none)."""
     directory = Path(directory)
     with atomic_directory(directory) as staging:
-        _carry_over_owned_images(directory, staging)
+        if owned_images_from is not None:
+            _carry_over_owned_images(Path(owned_images_from), staging)
         _write_json(staging / IMAGES, [image.to_dict() for image in images])
         columns = patches.arrays()
         np.savez(staging / PATCHES, image=columns["image"], box=columns["box"], grid=columns["grid"],
