@@ -39,6 +39,7 @@ RERANK_CODECS = (None, "float16", "int8")  # see patchify.index.rerank
 # int8: onnxruntime dynamic quantisation (CPU); fp16: for CUDA (on a CPU it runs, slower than fp32).
 PRECISIONS = ("fp32", "int8", "fp16")
 DEFAULT_PRECISION = "int8"
+EXPORT_PRECISION = "fp32"  # the backbone as exported; a backbone identity recording no precision ran at it
 # How each grid cell is sized for the backbone (see patchify.tiling.cell_input_sizes): "fit" = the cell's own pixel
 # extent rounded to the backbone's patch size, between MIN_FIT_INPUT_SIZE and the backbone's input size; "fixed" =
 # every cell resized to the backbone's input size (the paper's crop mode). Queries always use the input size.
@@ -127,6 +128,23 @@ class TilingConfig:
     def for_level(cls, level: int, **kwargs: Any) -> "TilingConfig":
         return cls(grids=grids_for_level(level), **kwargs)
 
+    @classmethod
+    def from_settings(cls, tiling: "TilingConfig | None" = None, level: int | None = None,
+                      grids: Sequence[int] | None = None, overlap: float = 0.0,
+                      cell_sizing: str | None = None) -> "TilingConfig":
+        """The tiling an engine or a sharded build is asked for: `tiling` as given, or grids (explicit sizes) or
+        level (grids 1..level+1, DEFAULT_LEVEL when neither is given) with overlap and cell_sizing (None: the
+        default)."""
+        if tiling is not None:
+            if level is not None or grids is not None or overlap or cell_sizing is not None:
+                raise ValueError("give tiling=TilingConfig(...) or level/grids/overlap/cell_sizing, not both")
+            return tiling
+        if level is not None and grids is not None:
+            raise ValueError("give level (grids 1..level+1) or grids (explicit grid sizes), not both")
+        chosen = grids_for_level(DEFAULT_LEVEL if level is None else level) if grids is None else tuple(grids)
+        return cls(grids=chosen, overlap=overlap,
+                   cell_sizing=DEFAULT_CELL_SIZING if cell_sizing is None else cell_sizing)
+
     @property
     def levels(self) -> tuple[int, ...]:
         """The level of each grid (grid g is level g - 1)."""
@@ -146,6 +164,11 @@ class TilingConfig:
         return cls(grids=tuple(data["grids"]), overlap=float(data.get("overlap", 0.0)),
                    input_size=data.get("input_size"), cell_sizing=data.get("cell_sizing", "fixed"),
                    min_input_size=int(data.get("min_input_size", MIN_FIT_INPUT_SIZE)))
+
+
+def precision_of(identity: dict[str, Any] | None) -> str:
+    """The precision a backbone identity records (EXPORT_PRECISION when it records none)."""
+    return str((identity or {}).get("precision", EXPORT_PRECISION))
 
 
 def check_precision(precision: str) -> str:

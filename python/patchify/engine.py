@@ -8,7 +8,6 @@ image's score is the max similarity over its patches, and the winning patch's bo
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 from . import _core, store
-from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_LEVEL, DEFAULT_PRECISION,
+from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_WEIGHT, DEFAULT_PRECISION,
                      DEFAULT_WHITENING, MAX_TRAINING_VECTORS, FlatConfig, IndexConfig, IVFPQConfig, TilingConfig,
-                     WhiteningConfig, check_global_weight, index_config)
+                     WhiteningConfig, check_global_weight, index_config, precision_of)
 from .encoder import EncodedBatch, Encoder
 from .fusion import fold, unfold, whole_image_rows
 from .images import ImageSource, list_image_files
@@ -82,15 +81,7 @@ class Patchify(QueryFront):
         if "levels" in index_settings:
             raise ValueError("Patchify takes level=L (the finest grid level: grids 1..L+1) or grids=[...]; "
                              "levels= names a list of levels (patchify eval)")
-        if tiling is not None and (level is not None or grids is not None or overlap or cell_sizing is not None):
-            raise ValueError("give tiling=TilingConfig(...) or level/grids/overlap/cell_sizing, not both")
-        if level is not None and grids is not None:
-            raise ValueError("give level (grids 1..level+1) or grids (explicit grid sizes), not both")
-        if tiling is None:
-            tiling = (TilingConfig(grids=tuple(grids), overlap=overlap) if grids is not None
-                      else TilingConfig.for_level(DEFAULT_LEVEL if level is None else level, overlap=overlap))
-            if cell_sizing is not None:
-                tiling = dataclasses.replace(tiling, cell_sizing=cell_sizing)
+        tiling = TilingConfig.from_settings(tiling, level, grids, overlap, cell_sizing)
         self._compose(Encoder(backbone, tiling, batch_size=batch_size, num_threads=num_threads,
                               embedding_cache=embedding_cache, precision=precision),
                       index_config(index, **index_settings))
@@ -643,7 +634,7 @@ class Patchify(QueryFront):
         encoder = Encoder(saved.backbone.name if backbone is None else backbone, saved.tiling,
                           num_threads=num_threads, embedding_cache=embedding_cache,
                           expected_identity=saved.backbone.identity, check_name=backbone is not None,
-                          precision=(saved.backbone.identity or {}).get("precision", "fp32"))
+                          precision=precision_of(saved.backbone.identity))
         engine._compose(encoder, saved.target_index or saved.index.config, saved.index, saved.images,
                         saved.patches, saved.backbone, saved.whitening_config, saved.whitening,
                         saved.global_weight, saved.folded_weight)

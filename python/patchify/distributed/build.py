@@ -17,7 +17,6 @@ Ray build one per actor (patchify.distributed.ray_backend).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import time
@@ -259,15 +258,7 @@ def build_sharded_index(sources: "str | os.PathLike | Iterable[str | os.PathLike
     if given is not None:
         raise ValueError("a sharded build learns its whitening once on its sample: give 'learned', 'none' or a "
                          "WhiteningConfig")
-    if tiling is None:
-        from ..config import DEFAULT_LEVEL
-
-        tiling = (TilingConfig(grids=tuple(grids), overlap=overlap) if grids is not None
-                  else TilingConfig.for_level(DEFAULT_LEVEL if level is None else level, overlap=overlap))
-        if cell_sizing is not None:
-            tiling = dataclasses.replace(tiling, cell_sizing=cell_sizing)
-    elif cell_sizing is not None:
-        raise ValueError("give tiling=TilingConfig(...) or cell_sizing, not both")
+    tiling = TilingConfig.from_settings(tiling, level, grids, overlap, cell_sizing)
     config = index_config(index, **index_settings)
     spec = BuildSpec(str(Path(directory).resolve()), backbone, tiling, config, whitening_config,
                      check_global_weight(global_weight), batch_size, num_threads, check_precision(precision))
