@@ -15,7 +15,7 @@ from . import store
 from .config import (CELL_SIZINGS, DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_CELL_SIZING, DEFAULT_GLOBAL_WEIGHT,
                      DEFAULT_LEVEL, DEFAULT_PRECISION, MIN_FIT_INPUT_SIZE, PRECISIONS, RERANK_4BIT_DEPTH,
                      RERANK_MIN_SHORTLIST, RERANK_SHORTLIST_FACTOR, FlatConfig, IVFPQConfig, ServeConfig,
-                     index_config_from_dict)
+                     index_config_from_dict, precision_of)
 from .engine import Patchify
 from .whitening import manifest_entry
 
@@ -244,7 +244,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"scoring: {weight:g} x whole-image score + {1 - weight:g} x best patch score")
     print(f"backbone: {backbone['name']} [{backbone.get('weights')}]")
     tiling = settings["tiling"]
-    precision = (backbone.get("identity") or {}).get("precision", "fp32")
+    precision = precision_of(backbone.get("identity"))
     sizing = ("cells at about their own size, at least {} px".format(tiling.get("min_input_size"))
               if tiling.get("cell_sizing") == "fit" else "every cell at the backbone's input size")
     print(f"encoding: {precision}, {sizing}")

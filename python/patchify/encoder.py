@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .config import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, TilingConfig, check_precision
+from .config import (DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, EXPORT_PRECISION, TilingConfig,
+                     check_precision)
 from .embedding_cache import EmbeddingCache, content_key, default_cache_root
 from .errors import BackboneMismatchError, ImageError
 from .images import ImageSource, describe_source, load_rgb
@@ -92,7 +93,7 @@ class Encoder:
         else:
             self._backbone = backbone
             self._backbone_name = backbone.name
-            self.precision = getattr(backbone, "precision", "fp32")
+            self.precision = getattr(backbone, "precision", EXPORT_PRECISION)
             self._resolve_cell_sizing()
         self._expected_identity = expected_identity
         if self._backbone is not None and expected_identity is not None:

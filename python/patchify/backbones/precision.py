@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import check_precision
+from ..config import EXPORT_PRECISION, check_precision
 
 __all__ = ["model_file", "derive"]
 
@@ -29,7 +29,7 @@ _FP32_PREFIXES = ("/backbone/embeddings/", "/inner/pos_embed", "/inner/_pos_embe
 def model_file(directory: Path, precision: str) -> Path:
     """Where the `precision` copy of the export in `directory` lives (float32: the export itself)."""
     check_precision(precision)
-    name = "model.onnx" if precision == "fp32" else f"model-{precision}.onnx"
+    name = "model.onnx" if precision == EXPORT_PRECISION else f"model-{precision}.onnx"
     return Path(directory) / name
 
 
@@ -38,7 +38,7 @@ def derive(directory: Path, precision: str) -> Path:
     target = model_file(directory, precision)
     if target.is_file():
         return target
-    source = model_file(directory, "fp32")
+    source = model_file(directory, EXPORT_PRECISION)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         if precision == "int8":

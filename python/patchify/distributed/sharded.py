@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from ..config import IVFPQConfig, TilingConfig, index_config_from_dict
+from ..config import IVFPQConfig, TilingConfig, index_config_from_dict, precision_of
 from ..encoder import Encoder
 from ..engine import Patchify
 from ..index.base import check_k, result_width
@@ -188,7 +188,7 @@ class ShardedIndex(QueryFront):
         encoder = Encoder(saved["name"] if backbone is None else backbone,
                           TilingConfig.from_dict(manifest["tiling"]), num_threads=num_threads,
                           expected_identity=saved["identity"], check_name=backbone is not None,
-                          precision=(saved["identity"] or {}).get("precision", "fp32"))
+                          precision=precision_of(saved["identity"]))
         return cls(directory, manifest, searcher, encoder)
 
     def close(self) -> None:
