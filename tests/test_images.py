@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from patchify.errors import ImageTooLargeError
 from patchify.images import ImageError, list_image_files, load_rgb
 
 
@@ -89,7 +90,7 @@ def test_corrupt_truncated_and_non_images_name_the_file(tmp_path, photos):
 
 def test_huge_images_are_refused_before_decoding(tmp_path):
     path = _save(Image.new("RGB", (300, 200)), tmp_path / "big.png")
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(ImageTooLargeError, match="too large"):
         load_rgb(path, max_pixels=300 * 200 - 1)
     assert load_rgb(path, max_pixels=300 * 200).shape == (200, 300, 3)
 
@@ -117,7 +118,7 @@ def test_one_pixel_limit_ours_not_pillows(tmp_path):
     path = _constant_png(tmp_path / "large.png", 10000, 9000)
     before = Image.MAX_IMAGE_PIXELS
     assert before is not None and 10000 * 9000 > before
-    with pytest.raises(ImageError) as info:
+    with pytest.raises(ImageTooLargeError) as info:
         load_rgb(path, max_pixels=50_000_000)
     assert str(path) in str(info.value) and "max_pixels=50000000" in str(info.value)
     assert "10000x9000" in str(info.value)
@@ -164,5 +165,8 @@ def test_decode_bytes_checks_like_load_rgb(tmp_path):
         assert caught.value.source == "upload.jpg"
     bomb = io.BytesIO()
     Image.new("1", (5000, 5000)).save(bomb, format="PNG")
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(ImageTooLargeError, match="too large"):
         decode_bytes(bomb.getvalue(), "bomb.png", max_pixels=1_000_000)
+    for bad in (0, True, 2.5):  # the same max_pixels checks as load_rgb
+        with pytest.raises(ValueError, match="max_pixels must be a positive integer"):
+            decode_bytes(data, "a.jpg", max_pixels=bad)

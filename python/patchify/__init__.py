@@ -15,8 +15,8 @@ from . import _core
 from .config import FlatConfig, IVFPQConfig, TilingConfig
 from .encoder import EncodedBatch, Encoder
 from .engine import Patchify
-from .errors import (BackboneMismatchError, CoreError, ImageError, IndexFormatError, PatchifyError,
-                     WeightsUnavailableError)
+from .errors import (BackboneMismatchError, CoreError, ImageError, ImageTooLargeError, IndexFormatError,
+                     PatchifyError, WeightsUnavailableError)
 from .images import load_rgb
 from .preprocess import Preprocess
 from .records import AddReport, Hit, ImageRecord, NewImage, PatchTable, SkippedImage
@@ -29,8 +29,8 @@ __version__ = _core.__version__
 
 __all__ = [
     "AddReport", "Backbone", "BackboneMismatchError", "CoreError", "EncodedBatch", "Encoder", "FlatConfig", "Hit",
-    "IVFPQConfig", "ImageError", "ImageRecord", "IndexFormatError", "NewImage", "PatchTable", "Patchify",
-    "PatchifyError", "Preprocess", "SkippedImage", "TileBatch", "TilingConfig", "WeightsUnavailableError",
+    "IVFPQConfig", "ImageError", "ImageRecord", "ImageTooLargeError", "IndexFormatError", "NewImage", "PatchTable",
+    "Patchify", "PatchifyError", "Preprocess", "SkippedImage", "TileBatch", "TilingConfig", "WeightsUnavailableError",
     "__version__", "grid_sizes", "load_backbone", "load_rgb", "patch_boxes", "patches_per_image", "tile_images",
 ]
 

@@ -27,6 +27,11 @@ class ImageError(PatchifyError, ValueError):
         return (type(self), (self.source, self.reason))
 
 
+class ImageTooLargeError(ImageError):
+    """An image refused for its size (more pixels than max_pixels, or than Pillow decodes safely), before decoding:
+    a service answers it as 413, not as a bad file."""
+
+
 class IndexFormatError(PatchifyError, ValueError):
     """A folder that is not a usable Patchify index (missing, damaged, mismatched or unsupported files)."""
 

@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLargeError
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -45,11 +45,7 @@ def load_rgb(source: ImageSource, *, max_pixels: int | None = None) -> np.ndarra
     `max_pixels` (None = DEFAULT_MAX_PIXELS) refuses larger images before decoding them (from the header's size);
     it replaces Pillow's decompression-bomb limit for this call only (Image.MAX_IMAGE_PIXELS is left alone).
     """
-    if max_pixels is None:
-        max_pixels = DEFAULT_MAX_PIXELS
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
-    max_pixels = int(max_pixels)
+    max_pixels = _checked_max_pixels(max_pixels)
     name = describe_source(source)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name, max_pixels)
@@ -63,11 +59,19 @@ def load_rgb(source: ImageSource, *, max_pixels: int | None = None) -> np.ndarra
 def decode_bytes(data: bytes, name: str, *, max_pixels: int | None = None) -> np.ndarray:
     """`load_rgb` for an encoded image held in memory (e.g. an HTTP upload): the same checks, conversions and
     errors, which name it `name`."""
-    if max_pixels is None:
-        max_pixels = DEFAULT_MAX_PIXELS
+    max_pixels = _checked_max_pixels(max_pixels)
     if not data:
         raise ImageError(name, "empty file")
-    return _decode_file(io.BytesIO(data), name, int(max_pixels))
+    return _decode_file(io.BytesIO(data), name, max_pixels)
+
+
+def _checked_max_pixels(max_pixels: int | None) -> int:
+    """max_pixels as given to load_rgb / decode_bytes: None = DEFAULT_MAX_PIXELS, else a positive integer."""
+    if max_pixels is None:
+        return DEFAULT_MAX_PIXELS
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    return int(max_pixels)
 
 
 def _decode_file(file: "Path | io.BytesIO", name: str, max_pixels: int) -> np.ndarray:
@@ -124,12 +128,12 @@ def _open_file(path: "Path | io.BytesIO", name: str, max_pixels: int) -> Image.I
         raise
     except _TooLarge as exc:
         width, height = exc.size
-        raise ImageError(name, f"too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}"
-                         ) from None
+        raise ImageTooLargeError(name, f"too large: {width}x{height} = {width * height} pixels > "
+                                       f"max_pixels={max_pixels}") from None
     except UnidentifiedImageError:
         raise ImageError(name, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(name, f"too large to decode safely ({exc})") from None
+        raise ImageTooLargeError(name, f"too large to decode safely ({exc})") from None
     except OSError as exc:
         raise ImageError(name, f"corrupt or truncated image ({exc})") from None
     except (ValueError, SyntaxError, EOFError) as exc:
@@ -142,7 +146,8 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise ImageError(name, f"empty image ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(name, f"too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
+        raise ImageTooLargeError(name, f"too large: {width}x{height} = {width * height} pixels > "
+                                       f"max_pixels={max_pixels}")
 
 
 def _pil_to_rgb(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:

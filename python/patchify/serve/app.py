@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel
 
-from ..errors import ImageError, PatchifyError, ReadOnlyIndexError
+from ..errors import ImageError, ImageTooLargeError, PatchifyError, ReadOnlyIndexError
 from ..records import Hit
 from .state import ServedIndex, Upload
 
@@ -78,7 +78,7 @@ def create_app(served: ServedIndex) -> FastAPI:
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
-        status = 413 if exc.reason.startswith("too large") else 422
+        status = 413 if isinstance(exc, ImageTooLargeError) else 422
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.exception_handler(ReadOnlyIndexError)
