@@ -61,6 +61,14 @@ def default_rerank_shortlist(k: int, nbits: int) -> int:
     return shortlist * RERANK_4BIT_DEPTH if nbits <= 4 else shortlist
 
 
+def rerank_shortlist_size(k: int, rerank_shortlist: int | None, nbits: int) -> int:
+    """Images the first stage hands to the second for a top-k search: the `rerank_shortlist` setting (at least k),
+    None = the default rule for codes of `nbits` bits."""
+    if rerank_shortlist is not None:
+        return max(int(rerank_shortlist), k)
+    return default_rerank_shortlist(k, nbits)
+
+
 # faiss's k-means warns below 39 training points per centroid (and the clustering degrades): we make it an error.
 MIN_POINTS_PER_CENTROID = 39
 # Most vectors any training step (IVFPQ codebooks, whitening) learns from: a uniform sample beyond that. faiss's

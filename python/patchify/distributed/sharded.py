@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
-from ..config import IVFPQConfig, TilingConfig, index_config_from_dict, precision_of
+from ..config import IVFPQConfig, TilingConfig, index_config_from_dict, precision_of, rerank_shortlist_size
 from ..encoder import Encoder
 from ..engine import Patchify
 from ..index.base import check_k, result_width
-from ..index.ivfpq import shortlist_size
 from ..query_front import QueryFront
 from .. import store
 from ..records import Hit, ImageRecord
@@ -278,5 +277,5 @@ class ShardedIndex(QueryFront):
         config = self._config
         if not isinstance(config, IVFPQConfig) or config.rerank is None:
             return None
-        return result_width(shortlist_size(min(k, self.n_images), config.rerank_shortlist, config.nbits),
+        return result_width(rerank_shortlist_size(min(k, self.n_images), config.rerank_shortlist, config.nbits),
                             self.n_images)

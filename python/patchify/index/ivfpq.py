@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import _core
-from ..config import MIN_POINTS_PER_CENTROID, IVFPQConfig, default_rerank_shortlist
+from ..config import MIN_POINTS_PER_CENTROID, IVFPQConfig, rerank_shortlist_size
 from ..errors import IndexFormatError
 from .base import check_ids, check_queries, check_vectors, result_width
 from .rerank import GlobalFusion, ImagePatches, RerankStore
@@ -313,7 +313,7 @@ class IVFPQIndex:
 
     def shortlist(self, k: int) -> int:
         """Images the first stage hands to the second for a top-k search."""
-        return shortlist_size(k, self.rerank_shortlist, self.nbits)
+        return rerank_shortlist_size(k, self.rerank_shortlist, self.nbits)
 
     def search_shortlist(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All `shortlist(k)` images of a top-k two-stage search, re-scored and sorted: (nq, shortlist) arrays as
@@ -527,14 +527,6 @@ class IVFPQIndex:
             self._scanner.set_image_map(self._map, self._num_images)
             self._lists_stale = False
         return self._scanner
-
-
-def shortlist_size(k: int, rerank_shortlist: int | None, nbits: int) -> int:
-    """Images the first stage hands to the second for a top-k search (rerank_shortlist: the setting, None = the
-    default rule for codes of `nbits` bits)."""
-    if rerank_shortlist is not None:
-        return max(int(rerank_shortlist), k)
-    return default_rerank_shortlist(k, nbits)
 
 
 def _no_columns(nq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
