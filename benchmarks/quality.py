@@ -118,7 +118,8 @@ def run_setting(data: "sets_module.EncodedSet", setting: Setting, level: int, ot
     result.update(build_s=engine.build_seconds, search_s=search,
                   effective_global_weight=engine.effective_global_weight,
                   whitened_on=engine.whitening.learned_on_vectors if engine.whitening else 0,
-                  index=repr(engine.index.config), index_bytes_per_patch=engine.index.nbytes() / len(keep),
+                  index=repr(engine.index.config), nlist=getattr(engine.index.config, "nlist", None),
+                  index_bytes_per_patch=engine.index.nbytes() / len(keep),
                   exact_until_trained=engine.exact_until_trained)
     return result
 

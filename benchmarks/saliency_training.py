@@ -164,7 +164,7 @@ def main() -> int:
                 setting = dataclasses.replace(setting, engine={**setting.engine, "nlist": nlist})
             r = quality.run_setting(data, setting, args.level, None)
             if setting is head_setting:
-                nlist = int(r["index"].split("nlist=")[1].split(",")[0])
+                nlist = r["nlist"]
             results[name][setting.name] = {k: v for k, v in r.items() if k in ("mAP", "LocScore", "R@1", "ap",
                                                                                  "index")}
             print(f"{name:9s} L{args.level} {setting.name:48s} mAP {r['mAP']:.3f} LocScore {r['LocScore']:.3f} "
