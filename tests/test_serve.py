@@ -401,4 +401,5 @@ def test_a_sharded_index_is_served_read_only(tmp_path: Path, index_dir: Path) ->
         added = httpx.post(f"{server.url}/api/images", files=[("images", ("a.jpg", photos[0].read_bytes()))])
         assert added.status_code == 405 and "read-only" in added.json()["detail"]
         assert httpx.delete(f"{server.url}/api/images/0").status_code == 405
+        assert httpx.delete(f"{server.url}/api/images/999999").status_code == 405  # read-only before unknown
         assert httpx.get(f"{server.url}/api/health").json()["images"] == len(photos)

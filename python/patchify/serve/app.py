@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from ..errors import ImageError, ImageTooLargeError, PatchifyError, ReadOnlyIndexError
 from ..records import Hit
-from .state import ServedIndex, Upload
+from .state import ServedIndex, UnknownImageError, Upload
 
 STATIC = Path(__file__).parent / "static"
 Scope = MutableMapping[str, Any]
@@ -145,7 +145,7 @@ def create_app(served: ServedIndex) -> FastAPI:
         if not 1 <= len(query.vectors) <= config.max_vectors:
             raise HTTPException(422, f"send 1 to {config.max_vectors} vectors, got {len(query.vectors)}")
         lengths = sorted({len(vector) for vector in query.vectors})
-        if len(lengths) != 1:
+        if lengths != [engine.input_dim]:
             raise HTTPException(422, f"vectors must all have the index's dimension {engine.input_dim}; got lengths "
                                      f"{lengths[:10]}")
         results = served.search_vectors(np.asarray(query.vectors, dtype=np.float32), k)
@@ -167,9 +167,10 @@ def create_app(served: ServedIndex) -> FastAPI:
 
     @app.delete("/api/images/{image_id}", dependencies=[Depends(require_token)])
     def remove_image(image_id: int) -> dict[str, Any]:
-        if served.record(image_id) is None:
-            raise HTTPException(404, f"no image {image_id} in the index")
-        patches = served.remove([image_id])
+        try:
+            patches = served.remove([image_id])
+        except UnknownImageError as exc:
+            raise HTTPException(404, str(exc)) from None
         metrics.update_index(served)
         return {"removed": image_id, "patches": patches}
 

@@ -115,6 +115,14 @@ class _Staged:
     batch: EncodedBatch
 
 
+class UnknownImageError(LookupError):
+    """Image ids that are not (or no longer) in the served index."""
+
+    def __init__(self, image_ids: Sequence[int]) -> None:
+        super().__init__(f"no image {', '.join(map(str, image_ids))} in the index")
+        self.image_ids = list(image_ids)
+
+
 class ServedIndex:
     """A saved index opened for serving: searches, adds and removes that persist to its folder atomically."""
 
@@ -232,9 +240,13 @@ class ServedIndex:
         return result
 
     def remove(self, image_ids: Sequence[int]) -> int:
-        """Removes images by id (ValueError naming unknown ones); returns the patches removed. Persisted."""
+        """Removes images by id; returns the patches removed. Persisted. UnknownImageError for an id that is not
+        (or no longer) in the index, checked under the writer lock, so two removals of one image cannot both pass."""
         engine = self._writable()
         with self._writer:
+            unknown = [image_id for image_id in image_ids if self.record(image_id) is None]
+            if unknown:
+                raise UnknownImageError(unknown)
             with self._lock.writing():
                 removed = engine.remove_images(image_ids)
             engine.save(self.directory)
