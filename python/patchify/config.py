@@ -33,6 +33,7 @@ DEFAULT_BATCH_SIZE = 32  # patches per indexing step (decoded, tiled and encoded
 # Patches per onnxruntime call, by provider: a ViT-S on a CPU runs fastest per patch in calls of 4-8 (1 thread, int8:
 # 44.5 ms per patch at 8 vs 59 ms at 32; fp32: 112 vs 120 ms; RESULTS.md, "Indexing cost"); a GPU wants large ones.
 BACKBONE_CALL_PATCHES = {"CPUExecutionProvider": 8, "CUDAExecutionProvider": 64}
+OTHER_PROVIDER_CALL_PATCHES = 32  # a provider not listed above
 TRAINING_SOURCES = ("all", "given", "gt-aligned", "salient")  # see patchify.training
 RERANK_CODECS = (None, "float16", "int8")  # see patchify.index.rerank
 # How the backbone's weights run (see patchify.backbones.precision): recorded with an index, queries use the same.
@@ -221,8 +222,8 @@ class IVFPQConfig:
 
     Two-stage search (patchify.index.rerank): rerank = "float16" or "int8" keeps a finer copy of every patch vector
     and re-scores every patch of the first stage's best `rerank_shortlist` images exactly (None: the default
-    shortlist, default_rerank_shortlist(k, nbits): 10 x k, at least 100, twice that for 4-bit codes); None or "none"
-    = one stage (PQ scores only).
+    shortlist, default_rerank_shortlist(k, nbits): 10 x k, at least 100, twice that for codes of 4 bits or fewer);
+    None or "none" = one stage (PQ scores only).
     rerank_storage: "ram", or "mmap" (read from the saved index folder on demand once loaded)."""
 
     kind: ClassVar[str] = "ivfpq"

@@ -33,8 +33,8 @@ def content_key(data: bytes | np.ndarray) -> str:
 
 class EmbeddingCache:
     """Maps (image content, backbone, overlap, cell sizing) to the patch vectors of every grid encoded so far.
-    cell_sizing: how cells were sized for the backbone when not all at its input size (e.g. {"fit": 112}); None for
-    fixed-size cells, whose entries keep the namespace they had before cell sizing existed."""
+    cell_sizing: how cells were sized for the backbone when not all at its input size (e.g. {"fit": 196, "max":
+    224}); None for fixed-size cells, whose entries keep the namespace they had before cell sizing existed."""
 
     def __init__(self, directory: str | os.PathLike, backbone_identity: dict[str, Any], overlap: float,
                  cell_sizing: dict[str, Any] | None = None) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import BACKBONE_CALL_PATCHES, EXPORT_PRECISION, check_precision
+from ..config import BACKBONE_CALL_PATCHES, EXPORT_PRECISION, OTHER_PROVIDER_CALL_PATCHES, check_precision
 from ..preprocess import Preprocess
 from . import cache
 
@@ -135,7 +135,7 @@ class Backbone:
         """(N, dim) L2-normalised embeddings of (N, 3, S, S) pixels, run in calls of `batch_size` patches (None: what
         suits the provider, config.BACKBONE_CALL_PATCHES)."""
         if batch_size is None:
-            batch_size = BACKBONE_CALL_PATCHES.get(self.provider, 32)
+            batch_size = BACKBONE_CALL_PATCHES.get(self.provider, OTHER_PROVIDER_CALL_PATCHES)
         size = self.preprocess.input_size
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3] \
                 or not self.accepts_input_size(pixels.shape[2]):
