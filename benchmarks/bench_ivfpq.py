@@ -416,8 +416,8 @@ def main() -> None:
     d = args.dim
     store = index.rerank_store
     ivfpq_per_patch = index.first_stage_nbytes() / index.ntotal  # the first stage alone
-    fixed = (ivf.nlist * d + args.m * (1 << args.nbits) * (d // args.m)) * 4  # coarse centroids + PQ codebooks
-    code_bytes = args.m // 2 if index.fast_scan else ivf.code_size
+    fixed = (ivf.nlist * d + ivf.pq.M * ivf.pq.ksub * ivf.pq.dsub) * 4  # coarse centroids + PQ codebooks
+    code_bytes = ivf.code_size  # M / 2 in the fast-scan layout (before its block padding)
     memory = {
         "per_patch_bytes": {"flat_f32": 4 * d, "flat_f16": 2 * d, "ivfpq": ivfpq_per_patch,
                             "ivfpq_code": code_bytes},
